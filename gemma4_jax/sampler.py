@@ -1,0 +1,159 @@
+"""Autoregressive generation: batched prefill into the KV cache, then one jitted step per token.
+
+Prompts of different lengths share a batch: each row is right-padded (padding has position -1, so it is
+neither attended to nor cached) and every row continues from its own length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma4_jax.config import Gemma4Config
+from gemma4_jax.errors import Gemma4Error
+from gemma4_jax.model import Params, apply, init_cache
+
+# <eos>, <turn|>, <|tool_response> (spec §3.6)
+DEFAULT_STOP_TOKENS = (1, 106, 50)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 is greedy; otherwise temperature, then top-k, then top-p (HF's order)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise Gemma4Error(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise Gemma4Error(f"top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise Gemma4Error(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """logits [B, V] -> token ids [B]."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    k = min(sampling.top_k or logits.shape[-1], logits.shape[-1])
+    values, ids = jax.lax.top_k(logits, k)  # sorted, highest first
+    if sampling.top_p is not None and sampling.top_p < 1:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        values = jnp.where(mass_before < sampling.top_p, values, -jnp.inf)  # the top token always survives
+    choice = jax.random.categorical(key, values, axis=-1)
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt, stop token excluded
+    finish_reasons: list[str]  # "stop" or "length"
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    """Rounds a length up to a power of two so that prompts of similar length share one compilation."""
+    return max(minimum, 1 << (n - 1).bit_length())
+
+
+class Sampler:
+    """Generates from a model. Compiled functions are cached per (batch, prompt bucket, cache length)."""
+
+    def __init__(
+        self,
+        config: Gemma4Config,
+        params: Params,
+        sampling: SamplingConfig = SamplingConfig(),
+        stop_tokens: Sequence[int] = DEFAULT_STOP_TOKENS,
+        cache_dtype=None,
+    ):
+        self.config = config
+        self.params = params
+        self.sampling = sampling
+        self.stop_tokens = tuple(stop_tokens)
+        self.cache_dtype = cache_dtype or jax.tree_util.tree_leaves(params)[0].dtype
+        self._prefill = jax.jit(functools.partial(self._prefill_fn, config, sampling), donate_argnums=(3,))
+        self._step = jax.jit(functools.partial(self._step_fn, config, sampling), donate_argnums=(3,))
+
+    @staticmethod
+    def _prefill_fn(config, sampling, params, tokens, positions, cache, last_index, key):
+        logits, cache = apply(params, tokens, positions, cache, config=config, logits_index=last_index)
+        return sample_token(logits[:, 0], key, sampling), cache
+
+    @staticmethod
+    def _step_fn(config, sampling, params, token, position, cache, key):
+        logits, cache = apply(params, token[:, None], position[:, None], cache, config=config)
+        return sample_token(logits[:, 0], key, sampling), cache
+
+    def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        vocab, context = self.config.vocab_size, self.config.max_context
+        if not prompts:
+            raise Gemma4Error("no prompts given")
+        if max_new_tokens < 1:
+            raise Gemma4Error(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+        for row, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise Gemma4Error(f"prompt {row} is empty")
+            bad = [t for t in prompt if not 0 <= int(t) < vocab]
+            if bad:
+                raise Gemma4Error(f"prompt {row}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            if len(prompt) + max_new_tokens > context:
+                raise Gemma4Error(
+                    f"prompt {row} has {len(prompt)} tokens; with {max_new_tokens} new tokens that exceeds the "
+                    f"{context}-token context of {self.config.name}"
+                )
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        seed: int = 0,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Continues each prompt (token ids, BOS included) by up to `max_new_tokens` tokens.
+
+        `on_token(row, token)` is called for every generated token as soon as it is known (streaming).
+        """
+        self.validate(prompts, max_new_tokens)
+        batch = len(prompts)
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        width = _bucket(int(lengths.max()))
+        cache_length = min(self.config.max_context, _bucket(int(lengths.max()) + max_new_tokens, 128))
+        tokens = np.zeros((batch, width), np.int32)
+        positions = np.full((batch, width), -1, np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = prompt
+            positions[row, : len(prompt)] = np.arange(len(prompt))
+
+        key = jax.random.key(seed)
+        cache = init_cache(self.config, batch, cache_length, self.cache_dtype)
+        token, cache = self._prefill(
+            self.params, tokens, positions, cache, jnp.asarray(lengths - 1), jax.random.fold_in(key, 0)
+        )
+        out: list[list[int]] = [[] for _ in range(batch)]
+        reasons = ["length"] * batch
+        done = np.zeros(batch, bool)
+        position = lengths.copy()
+        for step in range(max_new_tokens):
+            ids = np.asarray(token)
+            for row in np.flatnonzero(~done):
+                if int(ids[row]) in self.stop_tokens:
+                    done[row], reasons[row] = True, "stop"
+                    continue
+                out[row].append(int(ids[row]))
+                if on_token is not None:
+                    on_token(int(row), int(ids[row]))
+            if done.all() or step == max_new_tokens - 1:
+                break
+            token, cache = self._step(self.params, token, jnp.asarray(position), cache, jax.random.fold_in(key, step + 1))
+            position += 1
+        return Generation(out, reasons)
