@@ -51,16 +51,23 @@ def _load(path, precision):
     return checkpoint.load_hf_checkpoint(path, dtype=jnp.dtype(precision))[1]
 
 
-def _decode_in_chunks(cfg, params, tokens, chunks, cache_length=32):
-    """Feeds `tokens` through the cache in consecutive chunks of the given sizes; returns all logits."""
+# One compiled forward shared by all tests (config is static; shapes are kept few on purpose).
+forward = jax.jit(model.apply, static_argnames=("config", "remat"))
+
+
+def _decode_in_chunks(cfg, params, tokens, chunks, width=None, cache_length=32):
+    """Feeds `tokens` through the cache in consecutive chunks; with `width`, each chunk is right-padded to it
+    with position -1 (one compilation serves every chunk). Returns the logits of the real tokens."""
     batch = tokens.shape[0]
     cache = model.init_cache(cfg, batch, cache_length, jax.tree_util.tree_leaves(params)[0].dtype)
-    step = jax.jit(lambda p, t, pos, c: model.apply(p, t, pos, c, config=cfg))
     out, start = [], 0
     for size in chunks:
-        positions = np.broadcast_to(np.arange(start, start + size), (batch, size))
-        logits, cache = step(params, tokens[:, start : start + size], positions, cache)
-        out.append(np.asarray(logits))
+        chunk = np.zeros((batch, width or size), np.int64)
+        chunk[:, :size] = tokens[:, start : start + size]
+        positions = np.full((batch, width or size), -1)
+        positions[:, :size] = np.arange(start, start + size)
+        logits, cache = forward(params, chunk, positions, cache, config=cfg)
+        out.append(np.asarray(logits)[:, :size])
         start += size
     return np.concatenate(out, axis=1)
 
@@ -72,7 +79,7 @@ def test_full_forward_matches_hf(reference, precision):
     expected = _hf_logits(hf, tokens, precision)
     with jax.enable_x64(precision == "float64"):
         params = _load(path, precision)
-        logits, cache = jax.jit(lambda p, t: model.apply(p, t, config=cfg))(params, tokens)
+        logits, cache = forward(params, tokens, config=cfg)
     assert cache is None
     assert logits.shape == (2, SEQ, cfg.vocab_size)
     error = np.abs(np.asarray(logits) - expected).max()
@@ -81,21 +88,21 @@ def test_full_forward_matches_hf(reference, precision):
 
 @pytest.mark.parametrize("precision", ["float64", "float32"])
 @pytest.mark.parametrize(
-    "chunks",
+    "chunks, width",
     [
-        [10] + [1] * 14,  # prefill, then token-by-token decode (ring buffer wraps many times)
-        [3, 6, 1, 7, 1, 6],  # multi-token chunks longer than the window, landing across the ring's wrap
+        ([10] + [1] * 14, None),  # prefill, then token-by-token decode (the ring buffer wraps many times)
+        ([3, 6, 1, 7, 1, 6], 8),  # padded chunks longer than the window, landing across the ring's wrap
     ],
     ids=["prefill+decode", "chunked"],
 )
-def test_cached_decode_matches_full_forward(reference, precision, chunks):
+def test_cached_decode_matches_full_forward(reference, precision, chunks, width):
     cfg, hf, path = reference
     tokens = _tokens(cfg, seed=1)
     expected = _hf_logits(hf, tokens, precision)
     with jax.enable_x64(precision == "float64"):
         params = _load(path, precision)
-        full, _ = jax.jit(lambda p, t: model.apply(p, t, config=cfg))(params, tokens)
-        cached = _decode_in_chunks(cfg, params, tokens, chunks)
+        full, _ = forward(params, tokens, config=cfg)
+        cached = _decode_in_chunks(cfg, params, tokens, chunks, width)
     assert np.abs(cached - expected).max() <= TOLERANCE[precision]
     assert np.abs(cached - np.asarray(full)).max() <= TOLERANCE[precision]
 
@@ -120,19 +127,13 @@ def _hf_greedy(hf, prompt, new_tokens):
 
 
 def test_greedy_generation_matches_hf(reference):
-    cfg, hf, path = reference
-    prompt = [cfg.bos_id, *_tokens(cfg, 1, 7, seed=2)[0].tolist()]
-    expected = _hf_greedy(hf, prompt, 32)
-    assert len(expected) == 32
-    sampler = Sampler(cfg, _load(path, "float32"), stop_tokens=())
-    assert sampler.generate([prompt], max_new_tokens=32).tokens[0] == expected
-
-
-def test_batch_of_prompts_with_different_lengths(reference):
+    """32 greedy tokens, for a batch of three prompts of different lengths, equal HF `generate` per prompt."""
     cfg, hf, path = reference
     rng = np.random.default_rng(3)
-    prompts = [[cfg.bos_id, *rng.integers(3, cfg.vocab_size, n).tolist()] for n in (2, 9, 14)]
+    prompts = [[cfg.bos_id, *rng.integers(3, cfg.vocab_size, n).tolist()] for n in (7, 2, 13)]
     sampler = Sampler(cfg, _load(path, "float32"), stop_tokens=())
-    batched = sampler.generate(prompts, max_new_tokens=12).tokens
-    for prompt, got in zip(prompts, batched, strict=True):
-        assert got == _hf_greedy(hf, prompt, 12)
+    generated = sampler.generate(prompts, max_new_tokens=32).tokens
+    for prompt, got in zip(prompts, generated, strict=True):
+        expected = _hf_greedy(hf, prompt, 32)
+        assert len(expected) == 32
+        assert got == expected
