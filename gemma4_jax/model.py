@@ -365,11 +365,9 @@ class Embedder(nn.Module):
     def setup(self):
         cfg = self.config
         v, d, n_layers, p = cfg.vocab_size, cfg.embed_dim, cfg.num_layers, cfg.per_layer_input_dim
-        self.input_embedding = self.param("input_embedding", nn.initializers.normal(1.0), (v, d), self.dtype)
+        self.input_embedding = self.param("input_embedding", _normal(d), (v, d), self.dtype)
         if p:
-            self.per_layer_embeddings = self.param(
-                "per_layer_embeddings", nn.initializers.normal(1.0), (v, n_layers, p), self.dtype
-            )
+            self.per_layer_embeddings = self.param("per_layer_embeddings", _normal(p), (v, n_layers, p), self.dtype)
             self.per_layer_model_projection = Einsum((d, n_layers, p), d, self.dtype)
             self.per_layer_projection_norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -58,6 +59,17 @@ def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) ->
 class Generation:
     tokens: list[list[int]]  # new tokens per prompt, stop token excluded
     finish_reasons: list[str]  # "stop" or "length"
+    compile_seconds: float = 0.0  # compiling prefill + step for this shape (0 when already compiled)
+    prefill_seconds: float = 0.0  # prefill, up to the first sampled token
+    decode_seconds: float = 0.0  # every step after the first token
+    decode_steps: int = 0
+
+
+def check_token_ids(config: Gemma4Config, tokens: Sequence[int], what: str = "prompt") -> None:
+    """Token ids must index the vocabulary (the embedding lookup would silently clamp them otherwise)."""
+    bad = [t for t in tokens if not 0 <= int(t) < config.vocab_size]
+    if bad:
+        raise Gemma4Error(f"{what}: token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -83,6 +95,7 @@ class Sampler:
         self.cache_dtype = cache_dtype or jax.tree_util.tree_leaves(params)[0].dtype
         self._prefill = jax.jit(functools.partial(self._prefill_fn, config, sampling), donate_argnums=(3,))
         self._step = jax.jit(functools.partial(self._step_fn, config, sampling), donate_argnums=(3,))
+        self._executables: dict[tuple, tuple] = {}  # (batch, width, cache length) -> compiled (prefill, step)
 
     @staticmethod
     def _prefill_fn(config, sampling, params, tokens, positions, cache, last_index, key):
@@ -95,7 +108,7 @@ class Sampler:
         return sample_token(logits[:, 0], key, sampling), cache
 
     def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-        vocab, context = self.config.vocab_size, self.config.max_context
+        context = self.config.max_context
         if not prompts:
             raise Gemma4Error("no prompts given")
         if max_new_tokens < 1:
@@ -103,9 +116,7 @@ class Sampler:
         for row, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise Gemma4Error(f"prompt {row} is empty")
-            bad = [t for t in prompt if not 0 <= int(t) < vocab]
-            if bad:
-                raise Gemma4Error(f"prompt {row}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            check_token_ids(self.config, prompt, f"prompt {row}")
             if len(prompt) + max_new_tokens > context:
                 raise Gemma4Error(
                     f"prompt {row} has {len(prompt)} tokens; with {max_new_tokens} new tokens that exceeds the "
@@ -136,13 +147,25 @@ class Sampler:
 
         key = jax.random.key(seed)
         cache = init_cache(self.config, batch, cache_length, self.cache_dtype)
-        token, cache = self._prefill(
-            self.params, tokens, positions, cache, jnp.asarray(lengths - 1), jax.random.fold_in(key, 0)
-        )
+        last_index = jnp.asarray(lengths - 1)
+        compile_start = time.perf_counter()
+        shape_key = (batch, width, cache_length)
+        if shape_key not in self._executables:
+            step_args = (self.params, last_index, last_index, cache, key)
+            self._executables[shape_key] = (
+                self._prefill.lower(self.params, tokens, positions, cache, last_index, key).compile(),
+                self._step.lower(*step_args).compile(),
+            )
+        prefill, step_fn = self._executables[shape_key]
+        prefill_start = time.perf_counter()
+        token, cache = prefill(self.params, tokens, positions, cache, last_index, jax.random.fold_in(key, 0))
+        token.block_until_ready()
+        decode_start = time.perf_counter()
         out: list[list[int]] = [[] for _ in range(batch)]
         reasons = ["length"] * batch
         done = np.zeros(batch, bool)
         position = lengths.copy()
+        steps = 0
         for step in range(max_new_tokens):
             ids = np.asarray(token)
             for row in np.flatnonzero(~done):
@@ -154,6 +177,10 @@ class Sampler:
                     on_token(int(row), int(ids[row]))
             if done.all() or step == max_new_tokens - 1:
                 break
-            token, cache = self._step(self.params, token, jnp.asarray(position), cache, jax.random.fold_in(key, step + 1))
+            token, cache = step_fn(self.params, token, jnp.asarray(position), cache, jax.random.fold_in(key, step + 1))
             position += 1
-        return Generation(out, reasons)
+            steps += 1
+        end = time.perf_counter()
+        return Generation(
+            out, reasons, prefill_start - compile_start, decode_start - prefill_start, end - decode_start, steps
+        )

@@ -120,9 +120,7 @@ def test_local_cache_is_a_ring_of_window_slots(reference):
 def _hf_greedy(hf, prompt, new_tokens):
     hf.generation_config.eos_token_id = None
     with torch.no_grad():
-        out = hf.float().generate(
-            torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
-        )
+        out = hf.float().generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt) :].tolist()
 
 

@@ -1,0 +1,222 @@
+"""`gemma4-jax` command line: generate, logits, info.
+
+Bad input ends with one line `gemma4-jax: error: ...` and exit status 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEMO_VARIANT = "tiny"
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "f32": "float32"}
+
+
+def _parse_token_ids(text: str, what: str) -> list[int]:
+    from gemma4_jax.errors import Gemma4Error
+
+    parts = [p for p in text.replace(",", " ").split() if p]
+    if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+        raise Gemma4Error(
+            f"{what} takes token ids separated by commas (e.g. 2,651,6037) until the tokenizer lands; got {text!r}"
+        )
+    return [int(p) for p in parts]
+
+
+def _load(args, default_dtype: str):
+    """(config, params, description) from --checkpoint, --variant, or the built-in demo model."""
+    import jax
+    import jax.numpy as jnp
+
+    from gemma4_jax import checkpoint, config, model
+
+    dtype = jnp.dtype(_DTYPES[args.dtype or default_dtype])
+    if args.checkpoint:
+        cfg, params = checkpoint.load_hf_checkpoint(args.checkpoint, dtype=dtype)
+        return cfg, params, f"checkpoint {args.checkpoint}"
+    cfg = config.get_config(args.variant or DEMO_VARIANT)
+    params = model.init_params(cfg, jax.random.key(args.init_seed), dtype)
+    return cfg, params, f"random weights (variant {cfg.name}, seed {args.init_seed})"
+
+
+def cmd_generate(args) -> int:
+    from gemma4_jax.sampler import DEFAULT_STOP_TOKENS, Sampler, SamplingConfig
+
+    demo = not args.checkpoint and not args.variant
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    prompt = _parse_token_ids(args.prompt, "--prompt")
+    cfg, params, source = _load(args, "bfloat16")
+    stop = DEFAULT_STOP_TOKENS if args.stop is None else _parse_token_ids(args.stop, "--stop") if args.stop else ()
+    sampler = Sampler(cfg, params, sampling, stop_tokens=stop)
+    sampler.validate([prompt], args.max_new_tokens)
+    if demo:
+        print(
+            f"gemma4-jax demo: a {cfg.num_layers}-layer Gemma 4 with random weights and every E2B feature on "
+            f"(PLE, sliding window {cfg.sliding_window} + global layers, KV sharing, p-RoPE, soft-cap).\n"
+            "Real weights: gemma4-jax generate --checkpoint DIR (an HF directory with config.json + *.safetensors)."
+        )
+    print(f"model: {source}; prompt: {len(prompt)} tokens; sampling: {sampling}")
+
+    def on_token(row, token):
+        print(token, end=" ", flush=True)
+
+    result = sampler.generate([prompt], args.max_new_tokens, seed=args.seed, on_token=on_token)
+    n = len(result.tokens[0])
+    print()
+    rate = result.decode_steps / result.decode_seconds if result.decode_steps else float("nan")
+    print(
+        f"generated {n} tokens ({result.finish_reasons[0]}): compile {result.compile_seconds:.1f} s, "
+        f"prefill {result.prefill_seconds:.2f} s, decode {rate:.1f} tok/s"
+    )
+    return 0
+
+
+def cmd_logits(args) -> int:
+    import jax
+    import numpy as np
+
+    from gemma4_jax import model
+    from gemma4_jax.errors import Gemma4Error
+    from gemma4_jax.sampler import check_token_ids
+
+    tokens = _parse_token_ids(args.tokens, "--tokens")
+    cfg, params, source = _load(args, "float32")
+    if len(tokens) > cfg.max_context:
+        raise Gemma4Error(f"{len(tokens)} tokens exceed the {cfg.max_context}-token context of {cfg.name}")
+    check_token_ids(cfg, tokens, "--tokens")
+    start = time.perf_counter()
+    logits, _ = jax.jit(model.apply, static_argnames=("config",))(params, np.asarray([tokens]), config=cfg)
+    logits = np.asarray(logits[0], np.float32)
+    out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise Gemma4Error(f"output directory does not exist: {directory}")
+    tmp = out + ".tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, logits)
+    os.replace(tmp, out)
+    print(
+        f"wrote {out}: float32 {list(logits.shape)} logits of {source} "
+        f"({os.path.getsize(out) / 2**20:.1f} MiB, {time.perf_counter() - start:.2f} s)"
+    )
+    return 0
+
+
+def cmd_info(args) -> int:
+    from gemma4_jax import checkpoint, config, model
+
+    if args.checkpoint:
+        path = os.path.join(args.checkpoint, "config.json")
+        if not os.path.isdir(args.checkpoint):
+            raise checkpoint.Gemma4Error(f"checkpoint directory not found: {args.checkpoint}")
+        cfg = config.Gemma4Config.load_json(path)
+    else:
+        cfg = config.get_config(args.variant or DEMO_VARIANT)
+    shapes = model.param_shapes(cfg)
+    total = model.count_params(shapes)
+    embedder = shapes["embedder"]
+    ple = model.count_params(embedder.get("per_layer_embeddings", {}))
+    unused = sum(
+        model.count_params(shapes[f"layer_{i}"]["attn"].get(k, {}))
+        for i in range(cfg.num_layers)
+        if cfg.is_kv_reader(i)
+        for k in ("kv_einsum", "k_einsum", "key_norm")
+    )
+    info = {
+        "variant": cfg.name,
+        "layers": f"{cfg.num_layers} ({cfg.layer_string})",
+        "embed_dim": cfg.embed_dim,
+        "heads": f"{cfg.num_heads} query; KV {cfg.num_kv_heads} local / {cfg.global_kv_heads} global",
+        "head_dim": f"{cfg.head_dim} local / {cfg.global_head_dim} global",
+        "sliding_window": cfg.sliding_window,
+        "k_eq_v_global": cfg.k_eq_v_global,
+        "kv_shared_layers": cfg.num_kv_shared_layers,
+        "ffw_hidden": sorted({cfg.layer_ffw_hidden(i) for i in range(cfg.num_layers)}),
+        "experts": f"{cfg.num_experts} x {cfg.expert_hidden}, top {cfg.num_experts_per_token}"
+        if cfg.num_experts
+        else 0,
+        "per_layer_input_dim": cfg.per_layer_input_dim,
+        "max_context": cfg.max_context,
+        "params (official tree)": f"{total:,}",
+        "params without unused reader K/V": f"{total - unused:,}",
+        "params without PLE table": f"{total - unused - ple:,}",
+        "kv cache bf16 @4096 (W-capped)": f"{model.cache_bytes(cfg, 4096) / 2**20:.1f} MiB",
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma4-jax", description="Gemma 4 in JAX/Flax.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p, dtype_default):
+        src = p.add_mutually_exclusive_group()
+        src.add_argument("--checkpoint", help="HF checkpoint directory (config.json + *.safetensors)")
+        src.add_argument(
+            "--variant",
+            help=f"random weights of a preset (e2b, e4b, 31b, 26b_a4b, tiny, ...); default: the {DEMO_VARIANT} demo",
+        )
+        p.add_argument("--dtype", choices=sorted(_DTYPES), help=f"parameter/compute dtype (default {dtype_default})")
+        p.add_argument("--init-seed", type=int, default=0, help="seed of random weights (--variant / demo)")
+
+    g = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt.")
+    model_args(g, "bfloat16")
+    g.add_argument(
+        "--prompt",
+        default="2",
+        help="prompt as token ids, e.g. 2,651,6037 (BOS=2 first). Text prompts arrive with the tokenizer.",
+    )
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    # Defaults are the ones the official checkpoints ship in generation_config.json (spec §3.6).
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    g.add_argument("--top-k", type=int, default=64, help="default 64")
+    g.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--stop", default=None, help="stop token ids (default 1,106,50; empty string: none)")
+    g.set_defaults(func=cmd_generate)
+
+    lg = sub.add_parser(
+        "logits", help="write full-forward logits to .npy", description="Write float32 [T, vocab] logits."
+    )
+    model_args(lg, "float32")
+    lg.add_argument("--tokens", required=True, help="token ids, e.g. 2,15,27")
+    lg.add_argument("--out", required=True, help="output .npy file")
+    lg.set_defaults(func=cmd_logits)
+
+    info = sub.add_parser("info", help="config and parameter counts", description="Print config and sizes.")
+    src = info.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="HF checkpoint directory")
+    src.add_argument("--variant", help="preset name")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gemma4_jax.errors import Gemma4Error
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Gemma4Error as e:
+        if args.debug:
+            raise
+        print(f"gemma4-jax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gemma4-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
