@@ -28,7 +28,6 @@ def _parse_token_ids(text: str, what: str) -> list[int]:
 
 def _load(args, default_dtype: str):
     """(config, params, description) from --checkpoint, --variant, or the built-in demo model."""
-    import jax
     import jax.numpy as jnp
 
     from gemma4_jax import checkpoint, config, model
@@ -38,7 +37,7 @@ def _load(args, default_dtype: str):
         cfg, params = checkpoint.load_hf_checkpoint(args.checkpoint, dtype=dtype)
         return cfg, params, f"checkpoint {args.checkpoint}"
     cfg = config.get_config(args.variant or DEMO_VARIANT)
-    params = model.init_params(cfg, jax.random.key(args.init_seed), dtype)
+    params = model.init_params(cfg, args.init_seed, dtype)
     return cfg, params, f"random weights (variant {cfg.name}, seed {args.init_seed})"
 
 

@@ -36,10 +36,6 @@ def _accum_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _normal(fan_in: int):
-    return nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
-
-
 def einsum(eqn: str, x: Array, w: Array) -> Array:
     """Every weight contraction of the model goes through here (one place to add quantization/LoRA)."""
     return jnp.einsum(eqn, x, w.astype(x.dtype), preferred_element_type=x.dtype)
@@ -163,16 +159,19 @@ class RMSNorm(nn.Module):
         return rms_norm(x, scale, self.eps)
 
 
+# Modules declare parameter names and shapes only; values come from `init_params` or a checkpoint.
+_WEIGHT_INIT = nn.initializers.zeros_init()
+
+
 class Einsum(nn.Module):
-    """A weight named `w` with the official layout; `fan_in` only sets the random init."""
+    """A weight named `w` with the official layout."""
 
     shape: tuple[int, ...]
-    fan_in: int
     dtype: Any = jnp.bfloat16
 
     @nn.compact
     def __call__(self, eqn: str, x: Array) -> Array:
-        return einsum(eqn, x, self.param("w", _normal(self.fan_in), self.shape, self.dtype))
+        return einsum(eqn, x, self.param("w", _WEIGHT_INIT, self.shape, self.dtype))
 
 
 class Attention(nn.Module):
@@ -200,15 +199,15 @@ class Attention(nn.Module):
             else rope_inv_freq(h, cfg.local_rope_base)
         )
 
-        q = Einsum((n, d, h), d, self.dtype, name="q_einsum")("btd,ndh->btnh", x)
+        q = Einsum((n, d, h), self.dtype, name="q_einsum")("btd,ndh->btnh", x)
         q = apply_rope(RMSNorm(eps, self.dtype, name="query_norm")(q), positions, inv_freq)
 
         # Official checkpoints carry K/V weights on reader layers too: they are created (at init) so the tree
         # matches, and never used.
         if cfg.layer_k_eq_v(i):
-            k_proj = Einsum((k_heads, d, h), d, self.dtype, name="k_einsum")
+            k_proj = Einsum((k_heads, d, h), self.dtype, name="k_einsum")
         else:
-            kv_proj = Einsum((2, k_heads, d, h), d, self.dtype, name="kv_einsum")
+            kv_proj = Einsum((2, k_heads, d, h), self.dtype, name="kv_einsum")
         key_norm = RMSNorm(eps, self.dtype, name="key_norm")
 
         new_cache = None
@@ -229,7 +228,7 @@ class Attention(nn.Module):
                 new_cache = {"k": _scatter(cache["k"], slots, k), "v": _scatter(cache["v"], slots, v)}
 
         out = attend(q, ctx, positions, cfg.layer_window(i))
-        out = Einsum((n, h, d), n * h, self.dtype, name="attn_vec_einsum")("btnh,nhd->btd", out)
+        out = Einsum((n, h, d), self.dtype, name="attn_vec_einsum")("btnh,nhd->btd", out)
         return out, ctx, new_cache
 
 
@@ -242,8 +241,8 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d = x.shape[-1]
-        gating = self.param("gating_einsum", _normal(d), (2, self.hidden, d), self.dtype)
-        linear = self.param("linear", _normal(self.hidden), (self.hidden, d), self.dtype)
+        gating = self.param("gating_einsum", _WEIGHT_INIT, (2, self.hidden, d), self.dtype)
+        linear = self.param("linear", _WEIGHT_INIT, (self.hidden, d), self.dtype)
         gate = einsum("...d,fd->...f", x, gating[0])
         up = einsum("...d,fd->...f", x, gating[1])
         return einsum("...f,fd->...d", jax.nn.gelu(gate, approximate=True) * up, linear)
@@ -253,12 +252,11 @@ class Weight(nn.Module):
     """A bare weight named `w` (MoE expert stacks are consumed by `ragged_dot`, not by an einsum)."""
 
     shape: tuple[int, ...]
-    fan_in: int
     dtype: Any = jnp.bfloat16
 
     @nn.compact
     def __call__(self) -> Array:
-        return self.param("w", _normal(self.fan_in), self.shape, self.dtype)
+        return self.param("w", _WEIGHT_INIT, self.shape, self.dtype)
 
 
 class MoE(nn.Module):
@@ -278,12 +276,12 @@ class MoE(nn.Module):
         d, e, f, top_k = cfg.embed_dim, cfg.num_experts, cfg.expert_hidden, cfg.num_experts_per_token
         router_scale = self.param("router_scale", nn.initializers.ones_init(), (d,), self.dtype)
         per_expert_scale = self.param("per_expert_scale", nn.initializers.ones_init(), (e,), self.dtype)
-        w_gating = Weight((e, 2, f, d), d, self.dtype, name="gating_einsum")()
-        w_linear = Weight((e, f, d), f, self.dtype, name="linear")()
+        w_gating = Weight((e, 2, f, d), self.dtype, name="gating_einsum")()
+        w_linear = Weight((e, f, d), self.dtype, name="linear")()
 
         acc = _accum_dtype(x.dtype)
         routed = rms_norm(residual, None, cfg.rms_norm_eps).astype(acc) * (router_scale.astype(acc) * d**-0.5)
-        router_logits = Einsum((d, e), d, self.dtype, name="router_logits")("...d,de->...e", routed)
+        router_logits = Einsum((d, e), self.dtype, name="router_logits")("...d,de->...e", routed)
         probs = jax.nn.softmax(router_logits, axis=-1)
         top_probs, top_experts = jax.lax.top_k(probs, top_k)  # [..., k]
         weights = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
@@ -346,9 +344,9 @@ class Block(nn.Module):
 
         if cfg.per_layer_input_dim:
             d, p = cfg.embed_dim, cfg.per_layer_input_dim
-            g = Einsum((d, p), d, self.dtype, name="per_layer_input_gate")("btd,dp->btp", h)
+            g = Einsum((d, p), self.dtype, name="per_layer_input_gate")("btd,dp->btp", h)
             g = jax.nn.gelu(g, approximate=True) * per_layer_input
-            u = Einsum((p, d), p, self.dtype, name="per_layer_projection")("btp,pd->btd", g)
+            u = Einsum((p, d), self.dtype, name="per_layer_projection")("btp,pd->btd", g)
             h = h + norm("post_per_layer_input_norm")(u)
 
         # The layer scalar multiplies the whole residual stream, not a branch (spec §6 #5).
@@ -365,10 +363,10 @@ class Embedder(nn.Module):
     def setup(self):
         cfg = self.config
         v, d, n_layers, p = cfg.vocab_size, cfg.embed_dim, cfg.num_layers, cfg.per_layer_input_dim
-        self.input_embedding = self.param("input_embedding", _normal(d), (v, d), self.dtype)
+        self.input_embedding = self.param("input_embedding", _WEIGHT_INIT, (v, d), self.dtype)
         if p:
-            self.per_layer_embeddings = self.param("per_layer_embeddings", _normal(p), (v, n_layers, p), self.dtype)
-            self.per_layer_model_projection = Einsum((d, n_layers, p), d, self.dtype)
+            self.per_layer_embeddings = self.param("per_layer_embeddings", _WEIGHT_INIT, (v, n_layers, p), self.dtype)
+            self.per_layer_model_projection = Einsum((d, n_layers, p), self.dtype)
             self.per_layer_projection_norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
     def encode(self, tokens: Array) -> Array:
@@ -464,10 +462,54 @@ def _take_rows(index: Array, *arrays):
 # ----- the functional API ----------------------------------------------------------------------------------
 
 
-def init_params(config: Gemma4Config, key: Array, dtype=jnp.bfloat16) -> Params:
-    """Random parameters in the official tree layout (spec §5.1)."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.jit(lambda k: Gemma4Transformer(config, dtype).init(k, tokens, tokens)["params"])(key)
+def init_std(path: tuple[str, ...], shape: tuple[int, ...]) -> float | None:
+    """Standard deviation of a random weight: 1/sqrt(fan in); None for scales (initialised to 1).
+
+    The fan in is the contracted size of the official layout (spec §5.1), e.g. D for `q_einsum` [N, D, H],
+    N*H for `attn_vec_einsum` [N, H, D], F for `linear` [F, D] or [E, F, D].
+    """
+    name = path[-2] if path[-1] == "w" else path[-1]
+    if name in ("scale", "skip_scale", "router_scale", "per_expert_scale"):
+        return None
+    fan_in = {
+        "attn_vec_einsum": shape[0] * shape[1],
+        "linear": shape[-2],
+        "per_layer_projection": shape[0],
+        "per_layer_embeddings": shape[-1],
+        "per_layer_model_projection": shape[0],
+        "router_logits": shape[0],
+        "per_layer_input_gate": shape[0],
+        "q_einsum": shape[-2],
+        "kv_einsum": shape[-2],
+        "k_einsum": shape[-2],
+    }.get(name, shape[-1])  # input_embedding [V, D], gating_einsum [.., F, D]
+    return 1.0 / math.sqrt(fan_in)
+
+
+def init_params(config: Gemma4Config, seed: int | Array = 0, dtype=jnp.bfloat16) -> Params:
+    """Random parameters in the official tree layout (spec §5.1), scales at 1.
+
+    Drawn with numpy leaf by leaf, in blocks of rows (no compilation; a full-size E2B needs ~one copy of the
+    weights in RAM). `seed` is an int or a JAX PRNG key.
+    """
+    if isinstance(seed, jax.Array):
+        seed = int(jax.random.randint(seed, (), 0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    def leaf(path, shape_dtype):
+        shape = shape_dtype.shape
+        std = init_std(tuple(k.key for k in path), shape)
+        if std is None:
+            return jnp.ones(shape, dtype)
+        value = np.empty(shape, np_dtype)
+        rows = max(1, (1 << 24) // max(1, math.prod(shape[1:])))
+        for start in range(0, shape[0], rows):
+            block = rng.standard_normal((min(rows, shape[0] - start), *shape[1:]), np.float32)
+            value[start : start + rows] = block * np.float32(std)
+        return jnp.asarray(value)
+
+    return jax.tree_util.tree_map_with_path(leaf, param_shapes(config, dtype))
 
 
 def param_shapes(config: Gemma4Config, dtype=jnp.bfloat16) -> Params:

@@ -108,7 +108,7 @@ def test_cached_decode_matches_full_forward(reference, precision, chunks, width)
 
 
 def test_local_cache_is_a_ring_of_window_slots(reference):
-    cfg, _, path = reference
+    cfg = reference[0]
     cache = model.init_cache(cfg, batch=1, cache_length=32)
     local = [i for i, t in enumerate(cfg.layer_types) if t == config.LOCAL and not cfg.is_kv_reader(i)]
     assert cache[f"layer_{local[0]}"]["k"].shape[1] == cfg.sliding_window

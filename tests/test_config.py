@@ -1,0 +1,148 @@
+"""Config presets and derived facts against the numbers of the architecture spec (§1, §7)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from gemma4_jax import config, model
+from gemma4_jax.config import Gemma4Config, Gemma4Error
+
+# spec §7.1: total JAX tree minus vision encoder, audio encoder and mm projections = the text-only JAX tree.
+SPEC_TOTAL_JAX = {"e2b": 5_123_178_851, "e4b": 7_996_157_290, "31b": 31_273_088_876, "26b_a4b": 25_805_936_206}
+SPEC_VISION = {"e2b": 167_364_928, "e4b": 167_364_928, "31b": 569_550_384, "26b_a4b": 569_550_384}
+SPEC_AUDIO = {"e2b": 304_825_088, "e4b": 304_825_088, "31b": 0, "26b_a4b": 0}
+SPEC_MM_PROJ = {"e2b": 3_538_944, "e4b": 5_898_240, "31b": 6_193_152, "26b_a4b": 3_244_032}
+SPEC_TEXT_HF = {"e2b": 4_628_569_379, "e4b": 7_463_013_418, "31b": 30_697_345_340, "26b_a4b": 25_233_141_790}
+SPEC_UNUSED_READER_KV = {"e2b": 18_880_512, "e4b": 55_055_616, "31b": 0, "26b_a4b": 0}
+SPEC_PLE_TABLE = {"e2b": 2_348_810_240, "e4b": 2_818_572_288, "31b": 0, "26b_a4b": 0}
+
+
+@pytest.mark.parametrize("variant", config.OFFICIAL_VARIANTS)
+def test_param_count_equals_official_jax_tree(variant):
+    shapes = model.param_shapes(config.get_config(variant))
+    text_jax_tree = SPEC_TOTAL_JAX[variant] - SPEC_VISION[variant] - SPEC_AUDIO[variant] - SPEC_MM_PROJ[variant]
+    assert model.count_params(shapes) == text_jax_tree
+    assert text_jax_tree == SPEC_TEXT_HF[variant] + SPEC_UNUSED_READER_KV[variant]
+    assert model.count_params(shapes["embedder"].get("per_layer_embeddings", {})) == SPEC_PLE_TABLE[variant]
+
+
+def test_official_tree_names_and_shapes_e2b():
+    shapes = model.param_shapes(config.E2B)
+    assert shapes["embedder"]["per_layer_model_projection"]["w"].shape == (1536, 35, 256)
+    assert shapes["layer_4"]["attn"]["q_einsum"]["w"].shape == (8, 1536, 512)
+    assert shapes["layer_20"]["attn"]["kv_einsum"]["w"].shape == (2, 1, 1536, 256)  # present on readers too
+    assert shapes["layer_14"]["mlp"]["gating_einsum"].shape == (2, 6144, 1536)  # no `/w` under mlp
+    assert shapes["layer_15"]["mlp"]["linear"].shape == (12288, 1536)
+    assert shapes["layer_0"]["skip_scale"].shape == (1,)
+    g = model.param_shapes(config.G31B)["layer_5"]["attn"]
+    assert g["k_einsum"]["w"].shape == (4, 5376, 512) and "kv_einsum" not in g
+
+
+def test_layer_patterns():
+    assert config.E2B.layer_string == "LLLLG" * 7
+    assert config.E4B.layer_string == "LLLLLG" * 7
+    assert config.G31B.layer_string == "LLLLLG" * 10
+    assert config.G26B_A4B.layer_string == "LLLLLG" * 5
+    assert [i for i, t in enumerate(config.E2B.layer_types) if t == config.GLOBAL] == [4, 9, 14, 19, 24, 29, 34]
+
+
+def test_kv_sharing_maps():
+    e2b = config.E2B.kv_source_layers
+    assert e2b[:15] == tuple(range(15))
+    assert {i: e2b[i] for i in (19, 24, 29, 34)} == {19: 14, 24: 14, 29: 14, 34: 14}
+    assert all(e2b[i] == 13 for i in range(15, 35) if i % 5 != 4)
+    e4b = config.E4B.kv_source_layers
+    assert e4b[:24] == tuple(range(24))
+    assert all(e4b[i] == (23 if i in (29, 35, 41) else 22) for i in range(24, 42))
+    assert config.G31B.kv_source_layers == tuple(range(60))
+
+
+def test_per_layer_widths():
+    e2b = config.E2B
+    assert [e2b.layer_ffw_hidden(i) for i in (0, 14, 15, 34)] == [6144, 6144, 12288, 12288]
+    assert (e2b.layer_head_dim(4), e2b.layer_head_dim(3)) == (512, 256)
+    assert (config.E4B.layer_kv_heads(5), config.G31B.layer_kv_heads(5), config.G31B.layer_kv_heads(4)) == (2, 4, 16)
+    assert config.G26B_A4B.layer_kv_heads(29) == 2 and config.G26B_A4B.layer_k_eq_v(29)
+
+
+# spec §7.2, W-capped bf16 KV cache in MiB
+SPEC_CACHE_MIB = {
+    "e2b": {4096: 30.0, 32768: 198, 131072: 774},
+    "e4b": {4096: 84, 32768: 532, 131072: 2068},
+    "31b": {4096: 1120, 32768: 3360, 131072: 11040, 262144: 21280},
+    "26b_a4b": {4096: 280, 32768: 840, 131072: 2760, 262144: 5320},
+}
+SPEC_BYTES_PER_TOKEN = {"e2b": 18_432, "e4b": 57_344, "31b": 901_120, "26b_a4b": 225_280}
+
+
+@pytest.mark.parametrize("variant", config.OFFICIAL_VARIANTS)
+def test_cache_bytes(variant):
+    cfg = config.get_config(variant)
+    for context, mib in SPEC_CACHE_MIB[variant].items():
+        assert model.cache_bytes(cfg, context) == mib * 2**20
+    assert model.cache_bytes(cfg, 1) == SPEC_BYTES_PER_TOKEN[variant]
+
+
+def test_rope_constants():
+    local = model.rope_inv_freq(256, 10_000.0)
+    np.testing.assert_allclose(local[:4], [1, 0.93057204, 0.86596432, 0.80584219], rtol=1e-7)
+    np.testing.assert_allclose(local[127], 1.0746078e-4, rtol=1e-6)
+    glob = model.rope_inv_freq(512, 1_000_000.0, 0.25)
+    np.testing.assert_allclose(glob[:4], [1, 0.94746353, 0.89768713, 0.85052582], rtol=1e-7)
+    np.testing.assert_allclose(glob[63], 0.033376247, rtol=1e-7)
+    assert (glob[64:] == 0).all() and glob.shape == (256,)
+    # rotated dims of a global head are [0, 64) and [256, 320): everything else passes through unchanged
+    x = np.random.default_rng(0).normal(size=(1, 1, 1, 512))
+    y = np.asarray(model.apply_rope(jnp.asarray(x, jnp.float32), jnp.array([[1000]]), glob))
+    unrotated = np.r_[64:256, 320:512]
+    np.testing.assert_array_equal(y[..., unrotated], x[..., unrotated].astype(np.float32))
+    assert not np.allclose(y[..., :64], x[..., :64], atol=1e-3)
+
+
+def test_embedding_scale_rounds_to_bf16():
+    for cfg, bf16 in ((config.E2B, 39.25), (config.E4B, 50.5), (config.G31B, 73.5), (config.G26B_A4B, 53.0)):
+        assert float(jnp.asarray(cfg.embed_scale, jnp.bfloat16)) == bf16
+
+
+@pytest.mark.parametrize("name", list(config.PRESETS))
+def test_hf_config_round_trip(name):
+    cfg = config.get_config(name)
+    assert Gemma4Config.from_hf_dict(cfg.to_hf_dict(), name=name) == cfg
+    # transformers' own config class accepts the dict, and what it writes back (with `per_layer_config` for the
+    # global-layer overrides) reads back to the same config
+    hf = transformers.Gemma4TextConfig(**cfg.to_hf_dict())
+    assert Gemma4Config.from_hf_dict(hf.to_dict(), name=name) == cfg
+    assert hf.kv_sharing_modes.count("reuse") == cfg.num_kv_shared_layers
+
+
+def test_multimodal_config_json_reads_text_config():
+    d = {"model_type": "gemma4", "text_config": config.E2B.to_hf_dict(), "vision_config": {}}
+    assert Gemma4Config.from_hf_dict(d, name="e2b") == config.E2B
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"layer_types": (config.LOCAL, config.LOCAL)}, "last layer must be global"),
+        ({"num_kv_heads": 3}, "multiple of the KV head counts"),
+        ({"num_kv_shared_layers": 9}, "num_kv_shared_layers"),
+        ({"num_experts": 4, "num_experts_per_token": 5, "expert_hidden": 8}, "MoE"),
+    ],
+)
+def test_invalid_configs_are_rejected(changes, message):
+    with pytest.raises(Gemma4Error, match=message):
+        config.TINY_E2B.replace(**changes)
+
+
+def test_unknown_variant():
+    with pytest.raises(Gemma4Error, match="unknown variant 'e3b'; choose one of: e2b, e4b"):
+        config.get_config("e3b")
+
+
+def test_unsupported_hf_fields():
+    d = config.TINY_E2B.to_hf_dict() | {"hidden_activation": "silu"}
+    with pytest.raises(Gemma4Error, match="hidden_activation"):
+        Gemma4Config.from_hf_dict(d)
+    with pytest.raises(Gemma4Error, match="missing the field 'hidden_size'"):
+        Gemma4Config.from_hf_dict({k: v for k, v in config.TINY_E2B.to_hf_dict().items() if k != "hidden_size"})
