@@ -98,7 +98,7 @@ def test_missing_directory(tmp_path):
 
 def test_missing_config(saved):
     os.remove(saved / "config.json")
-    with pytest.raises(Gemma4Error, match="missing config.json"):
+    with pytest.raises(Gemma4Error, match=r"missing config\.json"):
         checkpoint.load_hf_checkpoint(str(saved))
 
 
@@ -112,7 +112,7 @@ def test_truncated_weights(saved):
     file = saved / "model.safetensors"
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])
-    with pytest.raises(Gemma4Error, match="truncated|not a readable safetensors"):
+    with pytest.raises(Gemma4Error, match=r"truncated|not a readable safetensors"):
         checkpoint.load_hf_checkpoint(str(saved))
 
 
