@@ -172,6 +172,11 @@ def worker_hf(args) -> None:
     import transformers
 
     torch.set_num_threads(args.threads)
+    if not args.hf_keep_denormals:
+        # XLA:CPU (our side) flushes float32 denormals to zero; torch by default does not, and denormal arithmetic
+        # on x86 is slow enough to make HF timings erratic (seen with random tiny weights: 1.4 s instead of 0.03 s
+        # per generate call). Same arithmetic on both sides. Set before any compute: threads inherit it.
+        torch.set_flush_denormal(True)
     use_cuda = args.device == "gpu" and torch.cuda.is_available()
     device = "cuda" if use_cuda else "cpu"
 
@@ -263,6 +268,7 @@ def run_worker(kind: str, args, checkpoint_dir: str) -> dict | None:
         str(args.threads),
         "--device",
         args.device,
+        *(["--hf-keep-denormals"] if args.hf_keep_denormals else []),
     ]
     proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -322,6 +328,9 @@ def format_notes(args, jax_result, hf_result, create_result) -> str:
         "decode_seconds. HF: (N-1) / (generate(max_new_tokens=N=min_new_tokens) time - prefill time).",
         "  compile/warm-up  JAX: jit lower+compile of prefill and decode step (Generation.compile_seconds, no "
         "execution). HF: wall time of the first generate() call (2 new tokens; it also computes them).",
+        "  HF runs with torch.set_flush_denormal(True)"
+        + (" OFF (--hf-keep-denormals)" if args.hf_keep_denormals else "")
+        + ": float32 denormals flush to zero, as they do in XLA:CPU.",
         "  peak RSS       ru_maxrss of that worker process (load + warm-up + timed run); the parent holds no weights.",
     ]
     if create_result:
@@ -422,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workdir", help="directory for the checkpoint (default: a new temporary one under /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (rerun with --workdir to reuse it)")
+    parser.add_argument(
+        "--hf-keep-denormals",
+        action="store_true",
+        help="leave torch's denormal handling at its default (by default HF flushes denormals, as XLA:CPU does)",
+    )
     # Internal: how the parent starts its workers.
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)

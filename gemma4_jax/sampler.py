@@ -77,8 +77,20 @@ def _bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
+def _prefill(config, sampling, params, tokens, positions, cache, last_index, key):
+    logits, cache = apply(params, tokens, positions, cache, config=config, logits_index=last_index)
+    return sample_token(logits[:, 0], key, sampling), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
+def _step(config, sampling, params, token, position, cache, key):
+    logits, cache = apply(params, token[:, None], position[:, None], cache, config=config)
+    return sample_token(logits[:, 0], key, sampling), cache
+
+
 class Sampler:
-    """Generates from a model. Compiled functions are cached per (batch, prompt bucket, cache length)."""
+    """Generates from a model. Compilations are shared by all samplers with the same config and sampling."""
 
     def __init__(
         self,
@@ -93,19 +105,6 @@ class Sampler:
         self.sampling = sampling
         self.stop_tokens = tuple(stop_tokens)
         self.cache_dtype = cache_dtype or jax.tree_util.tree_leaves(params)[0].dtype
-        self._prefill = jax.jit(functools.partial(self._prefill_fn, config, sampling), donate_argnums=(3,))
-        self._step = jax.jit(functools.partial(self._step_fn, config, sampling), donate_argnums=(3,))
-        self._executables: dict[tuple, tuple] = {}  # (batch, width, cache length) -> compiled (prefill, step)
-
-    @staticmethod
-    def _prefill_fn(config, sampling, params, tokens, positions, cache, last_index, key):
-        logits, cache = apply(params, tokens, positions, cache, config=config, logits_index=last_index)
-        return sample_token(logits[:, 0], key, sampling), cache
-
-    @staticmethod
-    def _step_fn(config, sampling, params, token, position, cache, key):
-        logits, cache = apply(params, token[:, None], position[:, None], cache, config=config)
-        return sample_token(logits[:, 0], key, sampling), cache
 
     def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         context = self.config.max_context
@@ -148,15 +147,10 @@ class Sampler:
         key = jax.random.key(seed)
         cache = init_cache(self.config, batch, cache_length, self.cache_dtype)
         last_index = jnp.asarray(lengths - 1)
-        compile_start = time.perf_counter()
-        shape_key = (batch, width, cache_length)
-        if shape_key not in self._executables:
-            step_args = (self.params, last_index, last_index, cache, key)
-            self._executables[shape_key] = (
-                self._prefill.lower(self.params, tokens, positions, cache, last_index, key).compile(),
-                self._step.lower(*step_args).compile(),
-            )
-        prefill, step_fn = self._executables[shape_key]
+        compile_start = time.perf_counter()  # ahead-of-time compilation; a cache hit once the shapes were seen
+        static = (self.config, self.sampling, self.params)
+        prefill = _prefill.lower(*static, tokens, positions, cache, last_index, key).compile()
+        step_fn = _step.lower(*static, last_index, last_index, cache, key).compile()
         prefill_start = time.perf_counter()
         token, cache = prefill(self.params, tokens, positions, cache, last_index, jax.random.fold_in(key, 0))
         token.block_until_ready()
