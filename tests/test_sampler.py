@@ -66,10 +66,16 @@ def test_invalid_sampling_settings(kwargs, message):
         SamplingConfig(**kwargs)
 
 
+GREEDY = SamplingConfig(0.0)
+
+
 @functools.cache
-def _sampler(sampling=SamplingConfig(0.0), stop_tokens=()):
-    cfg = config.TINY_E2B
-    return Sampler(cfg, model.init_params(cfg, 0, jnp.float32), sampling, stop_tokens=stop_tokens)
+def _params():
+    return model.init_params(config.TINY_E2B, 0, jnp.float32)
+
+
+def _sampler(sampling=GREEDY, stop_tokens=()):
+    return Sampler(config.TINY_E2B, _params(), sampling, stop_tokens=stop_tokens)
 
 
 def test_seed_makes_sampling_reproducible():
