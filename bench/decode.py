@@ -172,11 +172,6 @@ def worker_hf(args) -> None:
     import transformers
 
     torch.set_num_threads(args.threads)
-    if not args.hf_keep_denormals:
-        # XLA:CPU (our side) flushes float32 denormals to zero; torch by default does not, and denormal arithmetic
-        # on x86 is slow enough to make HF timings erratic (seen with random tiny weights: 1.4 s instead of 0.03 s
-        # per generate call). Same arithmetic on both sides. Set before any compute: threads inherit it.
-        torch.set_flush_denormal(True)
     use_cuda = args.device == "gpu" and torch.cuda.is_available()
     device = "cuda" if use_cuda else "cpu"
 
@@ -206,6 +201,13 @@ def worker_hf(args) -> None:
         return model.generate(
             ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
         )
+
+    if not args.hf_keep_denormals:
+        # XLA:CPU (our side) flushes float32 denormals to zero; torch by default does not, and denormal arithmetic
+        # on x86 is slow enough to make HF timings erratic (seen with random tiny weights: 1.4 s instead of 0.03 s
+        # per generate call). This gives both sides the same arithmetic. It must come after from_pretrained: set
+        # before loading, it was measured to be only partly in effect afterwards.
+        torch.set_flush_denormal(True)
 
     with torch.inference_mode():
         log(f"HF: loaded in {load_seconds:.0f} s; first generate call (warm-up, 2 tokens)")

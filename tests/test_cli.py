@@ -1,0 +1,103 @@
+"""The `gemma4-jax` command: the demo default, logits/info outputs, one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma4_jax import checkpoint, cli, config, model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    cfg = config.TINY_KEQV
+    checkpoint.save_hf_checkpoint(str(path), cfg, model.init_params(cfg, 3, jnp.float32))
+    return path
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_demo_generate_runs_offline(capsys):
+    code, out, err = _run(capsys, "generate", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert "random weights" in out and "--checkpoint DIR" in out
+    assert "generated 4 tokens" in out
+
+
+def test_generate_from_checkpoint(capsys, ckpt):
+    code, out, _ = _run(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", "2,17,33", "--temperature", "0")
+    assert code == 0
+    tokens_line = out.strip().splitlines()[-2]
+    assert len(tokens_line.split()) == 32
+
+
+def test_logits_equal_a_full_forward(capsys, ckpt, tmp_path):
+    out_file = tmp_path / "logits.npy"
+    code, out, _ = _run(capsys, "logits", "--checkpoint", str(ckpt), "--tokens", "2,15,27", "--out", str(out_file))
+    assert code == 0 and "wrote" in out
+    logits = np.load(out_file)
+    cfg, params = checkpoint.load_hf_checkpoint(str(ckpt), dtype=jnp.float32)
+    expected, _ = jax.jit(model.apply, static_argnames="config")(params, np.array([[2, 15, 27]]), config=cfg)
+    assert logits.dtype == np.float32 and logits.shape == (3, cfg.vocab_size)
+    np.testing.assert_array_equal(logits, np.asarray(expected[0]))
+
+
+def test_info_reports_spec_counts(capsys):
+    code, out, _ = _run(capsys, "info", "--variant", "e2b", "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["params (official tree)"] == "4,647,449,891"
+    assert info["params without PLE table"] == "2,279,759,139"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "--variant", "e3b"], "unknown variant 'e3b'"),
+        (["generate", "--variant", "nope"], "unknown variant 'nope'"),
+        (["generate", "--checkpoint", "/nonexistent/dir"], "checkpoint directory not found"),
+        (["generate", "--prompt", "hello world"], "--prompt takes token ids"),
+        (["generate", "--prompt", "2,600"], "token id 600 is outside the vocabulary"),
+        (["generate", "--prompt", "2,3", "--max-new-tokens", "511"], "exceeds the 512-token context"),
+        (["logits", "--tokens", "2,9999", "--out", "/tmp/x.npy"], "token id 9999"),
+        (["generate", "--top-p", "0"], "top-p must be in"),
+    ],
+)
+def test_bad_input_is_one_clear_line(capsys, argv, message):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("gemma4-jax: error: ") and message in err
+
+
+def test_checkpoint_errors(capsys, ckpt, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(capsys, "generate", "--checkpoint", str(empty))
+    assert code == 2 and "missing config.json" in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
+    d = json.loads((ckpt / "config.json").read_text()) | {"hidden_size": 96}
+    (bad / "config.json").write_text(json.dumps(d))
+    code, _, err = _run(capsys, "logits", "--checkpoint", str(bad), "--tokens", "2", "--out", str(tmp_path / "x"))
+    assert code == 2 and "shape mismatch" in err
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_console_script_prints_no_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "gemma4_jax.cli", "info", "--variant", "x"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "gemma4-jax: error: unknown variant 'x'; choose one of: " + ", ".join(config.PRESETS)
+    )
