@@ -73,7 +73,7 @@ def test_info_reports_spec_counts(capsys):
     ],
 )
 def test_bad_input_is_one_clear_line(capsys, argv, message):
-    code, out, err = _run(capsys, *argv)
+    code, _, err = _run(capsys, *argv)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("gemma4-jax: error: ") and message in err
 
