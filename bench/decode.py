@@ -16,6 +16,7 @@ Each worker prints one `BENCH_RESULT {json}` line on stdout; progress goes to st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -66,6 +67,38 @@ def make_prompt(vocab_size: int, length: int) -> list[int]:
 def emit(result: dict) -> None:
     result["peak_rss_gib"] = peak_rss_gib()
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+class OtherLoad:
+    """CPU time that other processes used while this worker timed something: they compete for the same cores.
+
+    Machine-wide busy time from /proc/stat minus this process's own CPU time, summed over the timed sections.
+    """
+
+    def __init__(self):
+        self.other_seconds = 0.0
+        self.wall_seconds = 0.0
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return busy, own.user + own.system, time.perf_counter()
+
+    @contextlib.contextmanager
+    def measure(self):
+        busy, own, wall = self._sample()
+        yield
+        busy2, own2, wall2 = self._sample()
+        self.other_seconds += max(0.0, (busy2 - busy) - (own2 - own))
+        self.wall_seconds += wall2 - wall
+
+    @property
+    def cores(self) -> float:
+        """Average number of cores other processes kept busy during the timed sections."""
+        return self.other_seconds / self.wall_seconds if self.wall_seconds else 0.0
 
 
 # ----- workers (each runs in its own process) -------------------------------------------------------------
@@ -132,7 +165,9 @@ def worker_jax(args) -> None:
     warm = sampler.generate([prompt], max_new_tokens=n)  # same shapes as the timed call, so nothing recompiles
     first_call_seconds = time.perf_counter() - start
     log(f"JAX: compiled in {warm.compile_seconds:.1f} s (first call {first_call_seconds:.1f} s); timed run")
-    timed = sampler.generate([prompt], max_new_tokens=n)
+    other = OtherLoad()
+    with other.measure():
+        timed = sampler.generate([prompt], max_new_tokens=n)
     if timed.compile_seconds > 1.0:  # the lowering/compilation cache should make this ~0
         log(f"JAX: warning: the timed call spent {timed.compile_seconds:.1f} s compiling again")
 
@@ -153,6 +188,7 @@ def worker_jax(args) -> None:
             "load_seconds": load_seconds,
             "compile_seconds": warm.compile_seconds,
             "timed_call_compile_seconds": timed.compile_seconds,
+            "other_load_cores": other.cores,
             "first_call_seconds": first_call_seconds,
             "prefill_seconds": timed.prefill_seconds,
             "decode_seconds": timed.decode_seconds,
@@ -208,17 +244,20 @@ def worker_hf(args) -> None:
         sync()
         first_call_seconds = time.perf_counter() - start
 
+        other = OtherLoad()
         log(f"HF: warm-up took {first_call_seconds:.1f} s; timed prefill forward")
-        start = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        sync()
-        prefill_seconds = time.perf_counter() - start
+        with other.measure():
+            start = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            sync()
+            prefill_seconds = time.perf_counter() - start
 
         log("HF: timed generate")
-        start = time.perf_counter()
-        out = generate(n)
-        sync()
-        generate_seconds = time.perf_counter() - start
+        with other.measure():
+            start = time.perf_counter()
+            out = generate(n)
+            sync()
+            generate_seconds = time.perf_counter() - start
 
     emit(
         {
@@ -231,6 +270,7 @@ def worker_hf(args) -> None:
             # generate = prefill + (n - 1) decode steps; the prefill part is taken from the separate forward above.
             "decode_seconds": generate_seconds - prefill_seconds,
             "decode_steps": n - 1,
+            "other_load_cores": other.cores,
             "prompt": prompt,
             "tokens": out[0, ids.shape[1] :].tolist(),
         }
@@ -336,6 +376,16 @@ def format_notes(args, jax_result, hf_result, create_result) -> str:
             f"Load time: JAX {jax_result['load_seconds']:.0f} s, HF {hf_result['load_seconds']:.0f} s. "
             f"JAX first generate() call (compile + run) {jax_result['first_call_seconds']:.1f} s; the timed call's "
             f"compile_seconds (cache hit) {jax_result['timed_call_compile_seconds']:.3f} s."
+        )
+        busy = {name: r.get("other_load_cores", 0.0) for name, r in (("JAX", jax_result), ("HF", hf_result))}
+        notes.append(
+            "Other processes on this machine kept on average "
+            + ", ".join(f"{v:.2f} cores busy during the {k} timed calls" for k, v in busy.items())
+            + (
+                f" -- WARNING: they competed with the {args.threads} benchmark thread(s); rerun on a quiet machine."
+                if max(busy.values()) > 0.1
+                else " (quiet enough)."
+            )
         )
         if jax_result["prompt"] != hf_result["prompt"]:
             notes.append("WARNING: the two workers used different prompts.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -230,51 +231,70 @@ def params_from_hf(
     return params
 
 
+_SAFETENSORS_DTYPES = {
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+}
+
+
 class SafetensorsDir:
-    """All `*.safetensors` files of a directory as one lazily read name -> array mapping."""
+    """All `*.safetensors` files of a directory as one name -> array mapping, read one tensor at a time.
+
+    Tensors are read with plain file reads (no memory map), so after a tensor has been converted and handed
+    to JAX nothing of the file stays resident: loading peaks near one copy of the weights.
+    """
 
     def __init__(self, path: str):
-        from safetensors import SafetensorError, safe_open
-
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
             raise Gemma4Error(f"{path}: no *.safetensors files (expected an HF checkpoint directory)")
-        self._handles = {}
-        self._where: dict[str, str] = {}
+        self._where: dict[str, tuple[str, dict, int]] = {}  # name -> (file, header entry, data start)
         for file in files:
-            try:
-                handle = safe_open(file, framework="numpy")
-                names = list(handle.keys())
-            except (SafetensorError, OSError, ValueError) as e:
-                raise Gemma4Error(f"{file}: not a readable safetensors file ({e})") from None
-            self._handles[file] = handle
-            for name in names:
-                self._where[name] = file
-        self._check_sizes(files)
+            header, data_start = self._read_header(file)
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    self._where[name] = (file, entry, data_start)
 
     @staticmethod
-    def _check_sizes(files):
-        """A truncated file can still have a valid header; compare the data size the header promises."""
-        for file in files:
+    def _read_header(file: str) -> tuple[dict, int]:
+        size = os.path.getsize(file)
+        try:
             with open(file, "rb") as f:
                 header_len = int.from_bytes(f.read(8), "little")
+                if not 2 <= header_len <= size - 8:
+                    raise ValueError(f"header length {header_len} does not fit a {size}-byte file")
                 header = json.loads(f.read(header_len))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-            if os.path.getsize(file) < 8 + header_len + end:
-                raise Gemma4Error(
-                    f"{file}: truncated ({os.path.getsize(file)} bytes, header needs {8 + header_len + end})"
-                )
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            raise Gemma4Error(f"{file}: not a readable safetensors file ({e})") from None
+        # A truncated file can still have a valid header: check the data size the header promises.
+        if size < 8 + header_len + max(ends, default=0):
+            raise Gemma4Error(f"{file}: truncated ({size} bytes, header needs {8 + header_len + max(ends)})")
+        return header, 8 + header_len
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def read(self, name: str) -> np.ndarray | None:
-        file = self._where.get(name)
-        if file is None:
+        if name not in self._where:
             return None
+        file, entry, data_start = self._where[name]
         try:
-            return self._handles[file].get_tensor(name)
-        except Exception as e:  # any decoding failure means a corrupt file to the user
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            start, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            if end - start != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{end - start} bytes for shape {shape} of {entry['dtype']}")
+            with open(file, "rb") as f:
+                f.seek(data_start + start)
+                return np.fromfile(f, dtype, math.prod(shape)).reshape(shape)
+        except (KeyError, ValueError, TypeError) as e:
             raise Gemma4Error(f"{file}: cannot read tensor {name} ({e})") from None
 
 
