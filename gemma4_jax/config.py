@@ -409,23 +409,12 @@ TINY_KEQV = Gemma4Config(
     max_context=512,
 )
 
-TINY_MOE = Gemma4Config(
+TINY_MOE = TINY_KEQV.replace(
     name="tiny_moe",
-    vocab_size=512,
-    embed_dim=64,
-    layer_types=repeat_pattern((LOCAL, LOCAL, GLOBAL), 6),
-    num_heads=4,
-    num_kv_heads=2,
-    num_global_kv_heads=1,
-    k_eq_v_global=True,
-    head_dim=16,
-    global_head_dim=32,
     ffw_hidden=48,
     num_experts=8,
     num_experts_per_token=2,
     expert_hidden=24,
-    sliding_window=4,
-    max_context=512,
 )
 
 PRESETS: dict[str, Gemma4Config] = {c.name: c for c in (E2B, E4B, G31B, G26B_A4B, TINY_E2B, TINY_KEQV, TINY_MOE)}
