@@ -202,30 +202,23 @@ class Attention(nn.Module):
         q = Einsum((n, d, h), self.dtype, name="q_einsum")("btd,ndh->btnh", x)
         q = apply_rope(RMSNorm(eps, self.dtype, name="query_norm")(q), positions, inv_freq)
 
-        # Official checkpoints carry K/V weights on reader layers too: they are created (at init) so the tree
-        # matches, and never used.
-        if cfg.layer_k_eq_v(i):
-            k_proj = Einsum((k_heads, d, h), self.dtype, name="k_einsum")
-        else:
-            kv_proj = Einsum((2, k_heads, d, h), self.dtype, name="kv_einsum")
-        key_norm = RMSNorm(eps, self.dtype, name="key_norm")
-
         new_cache = None
+        # Official checkpoints carry K/V weights on KV-shared reader layers too: created at init so the tree
+        # matches, never used.
         if shared is None or self.is_initializing():
             if cfg.layer_k_eq_v(i):
-                k = v = k_proj("btd,kdh->btkh", x)  # one projection; K and V diverge below
+                k = v = Einsum((k_heads, d, h), self.dtype, name="k_einsum")("btd,kdh->btkh", x)  # K, V diverge below
             else:
-                k, v = kv_proj("btd,ckdh->cbtkh", x)
-            k = apply_rope(key_norm(k), positions, inv_freq)
+                k, v = Einsum((2, k_heads, d, h), self.dtype, name="kv_einsum")("btd,ckdh->cbtkh", x)
+            k = apply_rope(RMSNorm(eps, self.dtype, name="key_norm")(k), positions, inv_freq)
             v = rms_norm(v, None, eps)
         if shared is not None:
             ctx = shared
+        elif cache is None:
+            ctx = KVContext(k, v, positions)
         else:
-            if cache is None:
-                ctx = KVContext(k, v, positions)
-            else:
-                ctx = KVContext(k, v, positions, cache["k"], cache["v"], cache_positions)
-                new_cache = {"k": _scatter(cache["k"], slots, k), "v": _scatter(cache["v"], slots, v)}
+            ctx = KVContext(k, v, positions, cache["k"], cache["v"], cache_positions)
+            new_cache = {"k": _scatter(cache["k"], slots, k), "v": _scatter(cache["v"], slots, v)}
 
         out = attend(q, ctx, positions, cfg.layer_window(i))
         out = Einsum((n, h, d), self.dtype, name="attn_vec_einsum")("btnh,nhd->btd", out)
