@@ -71,11 +71,12 @@ def test_gradient_matches_finite_differences(only):
     with jax.enable_x64(True):
         params, tokens, _, grads = _setup()
         direction = _random_direction(params, only)
-        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True))
-        numeric = _directional_fd(params, tokens, direction)
+        pairs = zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
+        analytic = float(sum(jnp.vdot(g, d) for g, d in pairs))
+        numeric = float(_directional_fd(params, tokens, direction))
     assert abs(analytic) > 1e-4, "the direction must actually move the loss"
     # central differences with a unit step of 1e-4: truncation ~1e-8, rounding ~1e-12
-    assert abs(analytic - numeric) <= 1e-6 * abs(analytic), (float(analytic), float(numeric))
+    assert abs(analytic - numeric) <= 1e-6 * abs(analytic), (analytic, numeric)
 
 
 def test_unused_reader_kv_weights_get_no_gradient():
