@@ -236,8 +236,9 @@ class FeedForward(nn.Module):
         d = x.shape[-1]
         gating = self.param("gating_einsum", _WEIGHT_INIT, (2, self.hidden, d), self.dtype)
         linear = self.param("linear", _WEIGHT_INIT, (self.hidden, d), self.dtype)
-        gate = einsum("...d,fd->...f", x, gating[0])
-        up = einsum("...d,fd->...f", x, gating[1])
+        # One [2F, D] matmul for gate and up: slicing gating[0] / gating[1] into two einsums compiles to a
+        # ~7x slower XLA:CPU kernel (measured at E2B size, f32, one token).
+        gate, up = jnp.split(einsum("...d,fd->...f", x, gating.reshape(2 * self.hidden, d)), 2, axis=-1)
         return einsum("...f,fd->...d", jax.nn.gelu(gate, approximate=True) * up, linear)
 
 
