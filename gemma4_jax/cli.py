@@ -105,12 +105,13 @@ def cmd_logits(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from gemma4_jax import checkpoint, config, model
+    from gemma4_jax import config, model
+    from gemma4_jax.errors import Gemma4Error
 
     if args.checkpoint:
         path = os.path.join(args.checkpoint, "config.json")
         if not os.path.isdir(args.checkpoint):
-            raise checkpoint.Gemma4Error(f"checkpoint directory not found: {args.checkpoint}")
+            raise Gemma4Error(f"checkpoint directory not found: {args.checkpoint}")
         cfg = config.Gemma4Config.load_json(path)
     else:
         cfg = config.get_config(args.variant or DEMO_VARIANT)
