@@ -335,13 +335,13 @@ def save_hf_checkpoint(path: str, config: Gemma4Config, params: Params) -> None:
 
     os.makedirs(path, exist_ok=True)
     tensors = dict(params_to_hf(config, jax.device_get(params)))
-    _atomic_write(
+    atomic_write(
         os.path.join(path, "model.safetensors"), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
     )
-    _atomic_write(os.path.join(path, "config.json"), lambda tmp: config.save_json(tmp))
+    atomic_write(os.path.join(path, "config.json"), lambda tmp: config.save_json(tmp))
 
 
-def _atomic_write(dest: str, write: Callable[[str], None]) -> None:
+def atomic_write(dest: str, write: Callable[[str], None]) -> None:
     """Writes through `write(tmp_path)` next to `dest`, then renames: a crash never leaves a partial `dest`."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=".tmp-", suffix="-" + os.path.basename(dest))
     os.close(fd)

@@ -77,7 +77,7 @@ def cmd_logits(args) -> int:
     import jax
     import numpy as np
 
-    from gemma4_jax import model
+    from gemma4_jax import checkpoint, model
     from gemma4_jax.errors import Gemma4Error
     from gemma4_jax.sampler import check_token_ids
 
@@ -93,10 +93,7 @@ def cmd_logits(args) -> int:
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
         raise Gemma4Error(f"output directory does not exist: {directory}")
-    tmp = out + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, logits)
-    os.replace(tmp, out)
+    checkpoint.atomic_write(out, lambda tmp: np.save(tmp, logits))  # tmp ends in .npy too
     print(
         f"wrote {out}: float32 {list(logits.shape)} logits of {source} "
         f"({os.path.getsize(out) / 2**20:.1f} MiB, {time.perf_counter() - start:.2f} s)"

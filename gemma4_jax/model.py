@@ -483,8 +483,9 @@ def init_std(path: tuple[str, ...], shape: tuple[int, ...]) -> float | None:
 def init_params(config: Gemma4Config, seed: int | Array = 0, dtype=jnp.bfloat16) -> Params:
     """Random parameters in the official tree layout (spec §5.1), scales at 1.
 
-    Drawn with numpy leaf by leaf, in blocks of rows (no compilation; a full-size E2B needs ~one copy of the
-    weights in RAM). `seed` is an int or a JAX PRNG key.
+    Drawn with numpy leaf by leaf, in blocks of rows (no compilation). Each leaf briefly exists twice (numpy,
+    then the JAX copy), so a full-size E2B peaks at the weights plus its largest leaf (~14.6 GB in bf16).
+    `seed` is an int or a JAX PRNG key.
     """
     if isinstance(seed, jax.Array):
         seed = int(jax.random.randint(seed, (), 0, 2**31 - 1))
