@@ -6,6 +6,7 @@ Bad input ends with one line `gemma4-jax: error: ...` and exit status 2 (`--debu
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ def _parse_token_ids(text: str, what: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def _load(args, default_dtype: str):
+def load_model(args, default_dtype: str):
     """(config, params, description) from --checkpoint, --variant, or the built-in demo model."""
     import jax.numpy as jnp
 
@@ -47,7 +48,7 @@ def cmd_generate(args) -> int:
     demo = not args.checkpoint and not args.variant
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     prompt = _parse_token_ids(args.prompt, "--prompt")
-    cfg, params, source = _load(args, "bfloat16")
+    cfg, params, source = load_model(args, "bfloat16")
     stop = DEFAULT_STOP_TOKENS if args.stop is None else _parse_token_ids(args.stop, "--stop") if args.stop else ()
     sampler = Sampler(cfg, params, sampling, stop_tokens=stop)
     sampler.validate([prompt], args.max_new_tokens)
@@ -82,7 +83,7 @@ def cmd_logits(args) -> int:
     from gemma4_jax.sampler import check_token_ids
 
     tokens = _parse_token_ids(args.tokens, "--tokens")
-    cfg, params, source = _load(args, "float32")
+    cfg, params, source = load_model(args, "float32")
     if len(tokens) > cfg.max_context:
         raise Gemma4Error(f"{len(tokens)} tokens exceed the {cfg.max_context}-token context of {cfg.name}")
     check_token_ids(cfg, tokens, "--tokens")
@@ -151,23 +152,29 @@ def cmd_info(args) -> int:
     return 0
 
 
+def add_model_args(p: argparse.ArgumentParser, dtype_default: str) -> None:
+    """--checkpoint / --variant / --dtype / --init-seed, read by `load_model`."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="HF checkpoint directory (config.json + *.safetensors)")
+    src.add_argument(
+        "--variant",
+        help=f"random weights of a preset (e2b, e4b, 31b, 26b_a4b, tiny, ...); default: the {DEMO_VARIANT} demo",
+    )
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help=f"parameter/compute dtype (default {dtype_default})")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of random weights (--variant / demo)")
+
+
+# Modules that add subcommands: each has `register(subparsers)` and imports its heavy dependencies lazily.
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4-jax", description="Gemma 4 in JAX/Flax.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p, dtype_default):
-        src = p.add_mutually_exclusive_group()
-        src.add_argument("--checkpoint", help="HF checkpoint directory (config.json + *.safetensors)")
-        src.add_argument(
-            "--variant",
-            help=f"random weights of a preset (e2b, e4b, 31b, 26b_a4b, tiny, ...); default: the {DEMO_VARIANT} demo",
-        )
-        p.add_argument("--dtype", choices=sorted(_DTYPES), help=f"parameter/compute dtype (default {dtype_default})")
-        p.add_argument("--init-seed", type=int, default=0, help="seed of random weights (--variant / demo)")
-
     g = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt.")
-    model_args(g, "bfloat16")
+    add_model_args(g, "bfloat16")
     g.add_argument(
         "--prompt",
         default="2",
@@ -185,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser(
         "logits", help="write full-forward logits to .npy", description="Write float32 [T, vocab] logits."
     )
-    model_args(lg, "float32")
+    add_model_args(lg, "float32")
     lg.add_argument("--tokens", required=True, help="token ids, e.g. 2,15,27")
     lg.add_argument("--out", required=True, help="output .npy file")
     lg.set_defaults(func=cmd_logits)
@@ -196,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--variant", help="preset name")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -36,9 +36,41 @@ def _accum_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def einsum(eqn: str, x: Array, w: Array) -> Array:
-    """Every weight contraction of the model goes through here (one place to add quantization/LoRA)."""
+# ----- weights -------------------------------------------------------------------------------------------
+#
+# A weight leaf of the parameter tree is either an array or a *weight object*: any pytree with
+#   .shape                          the logical (official-layout) shape,
+#   .dtype                          the dtype it computes in (the activations follow the embedding's),
+#   .einsum(eqn, x) -> Array        the contraction `jnp.einsum(eqn, x, w)` in x's dtype,
+#   .materialize(dtype) -> Array    the dense weight,
+#   .reshape(*shape)                merging/splitting leading axes (the last axis stays),
+# and optionally .take(ids, dtype) for embedding tables. Quantized weights (packed on device, dequantized
+# inside the jitted matmul) and LoRA-adapted weights are weight objects; the model code is the same for all.
+
+
+def is_dense(w) -> bool:
+    return isinstance(w, (jax.Array, np.ndarray))
+
+
+def einsum(eqn: str, x: Array, w) -> Array:
+    """Every weight contraction of the model goes through here."""
+    if not is_dense(w):
+        return w.einsum(eqn, x)
     return jnp.einsum(eqn, x, w.astype(x.dtype), preferred_element_type=x.dtype)
+
+
+def dense(w, dtype) -> Array:
+    """The weight as a plain array of `dtype` (weight objects are materialized)."""
+    return w.astype(dtype) if is_dense(w) else w.materialize(dtype)
+
+
+def lookup(table, ids: Array, dtype) -> Array:
+    """Rows `table[ids]` of an embedding table, in `dtype` (a weight object dequantizes only those rows)."""
+    if is_dense(table):
+        return jnp.take(table, ids, axis=0).astype(dtype)
+    if hasattr(table, "take"):
+        return table.take(ids, dtype)
+    return jnp.take(table.materialize(dtype), ids, axis=0)
 
 
 def rms_norm(x: Array, scale: Array | None, eps: float) -> Array:
@@ -71,13 +103,22 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_mask(query_positions: Array, key_positions: Array, sliding_window: int | None) -> Array:
-    """[B, T, S] bool: key is real, not in the future, and (local layers) within the last W positions."""
+def attention_mask(
+    query_positions: Array,
+    key_positions: Array,
+    sliding_window: int | None,
+    query_segments: Array | None = None,
+    key_segments: Array | None = None,
+) -> Array:
+    """[B, T, S] bool: key is real, not in the future, (local layers) within the last W positions, and (packed
+    training sequences) in the query's segment."""
     q = query_positions[:, :, None]
     k = key_positions[:, None, :]
     mask = (k >= 0) & (k <= q)
     if sliding_window is not None:
         mask &= q - k < sliding_window
+    if query_segments is not None:
+        mask &= query_segments[:, :, None] == key_segments[:, None, :]
     return mask
 
 
@@ -94,9 +135,16 @@ class KVContext(NamedTuple):
     cached_k: Array | None = None  # [B, S, K, H]
     cached_v: Array | None = None
     cached_positions: Array | None = None  # [B, S]
+    segments: Array | None = None  # [B, T] packed-sequence segment ids (no-cache path only)
 
 
-def attend(q: Array, ctx: KVContext, query_positions: Array, sliding_window: int | None) -> Array:
+def attend(
+    q: Array,
+    ctx: KVContext,
+    query_positions: Array,
+    sliding_window: int | None,
+    query_segments: Array | None = None,
+) -> Array:
     """Grouped-query attention with scale 1.0 and no logit soft-cap. q: [B, T, N, H] -> [B, T, N, H].
 
     The cached and the new keys are scored separately and share one softmax, so a step never copies the
@@ -106,18 +154,19 @@ def attend(q: Array, ctx: KVContext, query_positions: Array, sliding_window: int
     kv_heads = ctx.k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # query head n uses KV head n // G
     acc = _accum_dtype(q.dtype)
-    parts = [(ctx.k, ctx.v, ctx.positions)]
+    parts = [(ctx.k, ctx.v, ctx.positions, ctx.segments)]
     if ctx.cached_k is not None:
-        parts.insert(0, (ctx.cached_k, ctx.cached_v, ctx.cached_positions))
+        parts.insert(0, (ctx.cached_k, ctx.cached_v, ctx.cached_positions, None))
     logits = []
-    for k, _, key_positions in parts:
+    for k, _, key_positions, key_segments in parts:
         score = jnp.einsum("btkgh,bskh->btkgs", q, k.astype(q.dtype), preferred_element_type=acc)
-        mask = attention_mask(query_positions, key_positions, sliding_window)
+        segments = (None, None) if key_segments is None else (query_segments, key_segments)
+        mask = attention_mask(query_positions, key_positions, sliding_window, *segments)
         logits.append(jnp.where(mask[:, :, None, None, :], score, _MASKED))
     probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1).astype(q.dtype)
     out = 0
     start = 0
-    for _, v, key_positions in parts:
+    for _, v, key_positions, _ in parts:
         length = key_positions.shape[1]
         p = probs[..., start : start + length]
         out = out + jnp.einsum("btkgs,bskh->btkgh", p, v.astype(q.dtype), preferred_element_type=acc)
@@ -163,6 +212,18 @@ class RMSNorm(nn.Module):
 _WEIGHT_INIT = nn.initializers.zeros_init()
 
 
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...], dtype):
+    """The weight leaf `name`: an array (flax checks its shape) or a weight object (its logical shape is checked
+    here, because flax compares only the first array inside a pytree)."""
+    if module.has_variable("params", name):
+        w = module.get_variable("params", name)
+        if not is_dense(w):
+            if tuple(w.shape) != tuple(shape):
+                raise ValueError(f"{module.path}/{name}: weight of shape {tuple(w.shape)}, the model expects {shape}")
+            return w
+    return module.param(name, _WEIGHT_INIT, shape, dtype)
+
+
 class Einsum(nn.Module):
     """A weight named `w` with the official layout."""
 
@@ -171,7 +232,7 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, eqn: str, x: Array) -> Array:
-        return einsum(eqn, x, self.param("w", _WEIGHT_INIT, self.shape, self.dtype))
+        return einsum(eqn, x, _weight(self, "w", self.shape, self.dtype))
 
 
 class Attention(nn.Module):
@@ -188,6 +249,7 @@ class Attention(nn.Module):
         cache: dict[str, Array] | None,  # this layer's {'k', 'v'} [B, S, K, H]
         cache_positions: Array | None,  # [B, S]
         slots: Array | None,  # [B, T] where this step's K/V go in the cache
+        segments: Array | None = None,  # [B, T] packed-sequence segment ids (no cache)
     ) -> tuple[Array, KVContext, dict[str, Array] | None]:
         cfg, i = self.config, self.layer
         d, n = cfg.embed_dim, cfg.num_heads
@@ -215,12 +277,12 @@ class Attention(nn.Module):
         if shared is not None:
             ctx = shared
         elif cache is None:
-            ctx = KVContext(k, v, positions)
+            ctx = KVContext(k, v, positions, segments=segments)
         else:
             ctx = KVContext(k, v, positions, cache["k"], cache["v"], cache_positions)
             new_cache = {"k": _scatter(cache["k"], slots, k), "v": _scatter(cache["v"], slots, v)}
 
-        out = attend(q, ctx, positions, cfg.layer_window(i))
+        out = attend(q, ctx, positions, cfg.layer_window(i), segments)
         out = Einsum((n, h, d), self.dtype, name="attn_vec_einsum")("btnh,nhd->btd", out)
         return out, ctx, new_cache
 
@@ -234,8 +296,8 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d = x.shape[-1]
-        gating = self.param("gating_einsum", _WEIGHT_INIT, (2, self.hidden, d), self.dtype)
-        linear = self.param("linear", _WEIGHT_INIT, (self.hidden, d), self.dtype)
+        gating = _weight(self, "gating_einsum", (2, self.hidden, d), self.dtype)
+        linear = _weight(self, "linear", (self.hidden, d), self.dtype)
         # One [2F, D] matmul for gate and up: slicing gating[0] / gating[1] into two einsums compiles to a
         # ~7x slower XLA:CPU kernel (measured at E2B size, f32, one token).
         gate, up = jnp.split(einsum("...d,fd->...f", x, gating.reshape(2 * self.hidden, d)), 2, axis=-1)
@@ -250,7 +312,7 @@ class Weight(nn.Module):
 
     @nn.compact
     def __call__(self) -> Array:
-        return self.param("w", _WEIGHT_INIT, self.shape, self.dtype)
+        return _weight(self, "w", self.shape, self.dtype)
 
 
 class MoE(nn.Module):
@@ -270,8 +332,8 @@ class MoE(nn.Module):
         d, e, f, top_k = cfg.embed_dim, cfg.num_experts, cfg.expert_hidden, cfg.num_experts_per_token
         router_scale = self.param("router_scale", nn.initializers.ones_init(), (d,), self.dtype)
         per_expert_scale = self.param("per_expert_scale", nn.initializers.ones_init(), (e,), self.dtype)
-        w_gating = Weight((e, 2, f, d), self.dtype, name="gating_einsum")()
-        w_linear = Weight((e, f, d), self.dtype, name="linear")()
+        w_gating = dense(Weight((e, 2, f, d), self.dtype, name="gating_einsum")(), x.dtype)
+        w_linear = dense(Weight((e, f, d), self.dtype, name="linear")(), x.dtype)
 
         acc = _accum_dtype(x.dtype)
         routed = rms_norm(residual, None, cfg.rms_norm_eps).astype(acc) * (router_scale.astype(acc) * d**-0.5)
@@ -303,7 +365,7 @@ def _ragged(lhs: Array, rhs: Array, group_sizes: Array, contract_rhs: int) -> Ar
         lhs_ragged_dimensions=[0],
         rhs_group_dimensions=[0],
     )
-    return jax.lax.ragged_dot_general(lhs, rhs.astype(lhs.dtype), group_sizes, dims, preferred_element_type=lhs.dtype)
+    return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims, preferred_element_type=lhs.dtype)
 
 
 class Block(nn.Module):
@@ -314,7 +376,7 @@ class Block(nn.Module):
     dtype: Any = jnp.bfloat16
 
     @nn.compact
-    def __call__(self, x, positions, per_layer_input, shared, cache, cache_positions, slots):
+    def __call__(self, x, positions, per_layer_input, shared, cache, cache_positions, slots, segments=None):
         cfg, i = self.config, self.layer
         eps = cfg.rms_norm_eps
 
@@ -323,7 +385,7 @@ class Block(nn.Module):
 
         a = norm("pre_attention_norm")(x)
         a, ctx, new_cache = Attention(cfg, i, self.dtype, name="attn")(
-            a, positions, shared, cache, cache_positions, slots
+            a, positions, shared, cache, cache_positions, slots, segments
         )
         h = x + norm("post_attention_norm")(a)
 
@@ -357,33 +419,47 @@ class Embedder(nn.Module):
     def setup(self):
         cfg = self.config
         v, d, n_layers, p = cfg.vocab_size, cfg.embed_dim, cfg.num_layers, cfg.per_layer_input_dim
-        self.input_embedding = self.param("input_embedding", _WEIGHT_INIT, (v, d), self.dtype)
+        self.input_embedding = _weight(self, "input_embedding", (v, d), self.dtype)
+        self.per_layer_embeddings = None
+        # The PLE table may live off the device (`per_layer_tokens` then carries its rows), so it is optional.
+        if p and (self.is_initializing() or self.has_variable("params", "per_layer_embeddings")):
+            self.per_layer_embeddings = _weight(self, "per_layer_embeddings", (v, n_layers, p), self.dtype)
         if p:
-            self.per_layer_embeddings = self.param("per_layer_embeddings", _WEIGHT_INIT, (v, n_layers, p), self.dtype)
             self.per_layer_model_projection = Einsum((d, n_layers, p), self.dtype)
             self.per_layer_projection_norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
     def encode(self, tokens: Array) -> Array:
         """[B, T] -> [B, T, D], scaled by sqrt(D) rounded to the parameter dtype (as the references do)."""
-        x = jnp.take(self.input_embedding, tokens, axis=0)
+        x = lookup(self.input_embedding, tokens, self.input_embedding.dtype)
         return x * jnp.asarray(self.config.embed_scale, x.dtype)
 
-    def per_layer_inputs(self, tokens: Array, x: Array) -> Array:
-        """[B, T] tokens and their scaled embeddings -> [B, T, L, P] per-layer inputs."""
+    def per_layer_inputs(self, tokens: Array, x: Array, token_rows: Array | None = None) -> Array:
+        """[B, T] tokens and their scaled embeddings -> [B, T, L, P] per-layer inputs.
+
+        `token_rows` [B, T, L, P] are the PLE table rows of `tokens` when the table lives off the device
+        (`gemma4_jax.ple`); otherwise they are gathered here.
+        """
         cfg = self.config
         context = self.per_layer_model_projection("btd,dlp->btlp", x) * jnp.asarray(cfg.embed_dim**-0.5, x.dtype)
         context = self.per_layer_projection_norm(context)
-        # Ids outside the vocabulary (multimodal placeholders) use the pad row 0.
-        ids = jnp.where((tokens >= 0) & (tokens < cfg.vocab_size), tokens, 0)
-        token_part = jnp.take(self.per_layer_embeddings, ids, axis=0)
-        token_part = token_part * jnp.asarray(math.sqrt(cfg.per_layer_input_dim), x.dtype)
+        if token_rows is None:
+            if self.per_layer_embeddings is None:
+                raise ValueError("the PLE table is not in the parameters: pass its rows as `per_layer_tokens`")
+            token_rows = lookup(self.per_layer_embeddings, per_layer_token_ids(cfg, tokens), x.dtype)
+        token_part = token_rows.astype(x.dtype) * jnp.asarray(math.sqrt(cfg.per_layer_input_dim), x.dtype)
         return (context + token_part) * jnp.asarray(2**-0.5, x.dtype)
 
     def decode(self, x: Array) -> Array:
         """Tied LM head: [B, T, D] -> [B, T, V] logits in >= float32."""
-        return jnp.einsum(
-            "btd,vd->btv", x, self.input_embedding.astype(x.dtype), preferred_element_type=_accum_dtype(x.dtype)
-        )
+        table = self.input_embedding
+        if not is_dense(table):
+            return table.einsum("btd,vd->btv", x).astype(_accum_dtype(x.dtype))
+        return jnp.einsum("btd,vd->btv", x, table.astype(x.dtype), preferred_element_type=_accum_dtype(x.dtype))
+
+
+def per_layer_token_ids(config: Gemma4Config, tokens):
+    """The PLE table row of each token: ids outside the vocabulary (multimodal placeholders) use the pad row 0."""
+    return jnp.where((tokens >= 0) & (tokens < config.vocab_size), tokens, 0)
 
 
 class Gemma4Transformer(nn.Module):
@@ -400,11 +476,15 @@ class Gemma4Transformer(nn.Module):
         positions: Array,  # [B, T] int, -1 = padding
         cache: Cache | None = None,
         logits_index: Array | None = None,  # [B]: return logits only at tokens[b, logits_index[b]]
+        segments: Array | None = None,  # [B, T] packed-sequence segment ids (no cache)
+        per_layer_tokens: Array | None = None,  # [B, T, L, P] PLE table rows gathered off the device
     ) -> tuple[Array, Cache | None]:
         cfg = self.config
+        if segments is not None and cache is not None:
+            raise ValueError("segment ids (packed sequences) are for the no-cache path")
         embedder = Embedder(cfg, self.dtype, name="embedder")
         x = embedder.encode(tokens)
-        per_layer = embedder.per_layer_inputs(tokens, x) if cfg.per_layer_input_dim else None
+        per_layer = embedder.per_layer_inputs(tokens, x, per_layer_tokens) if cfg.per_layer_input_dim else None
 
         slots = cache_positions = new_cache = None
         if cache is not None:
@@ -421,7 +501,7 @@ class Gemma4Transformer(nn.Module):
         for i, kind in enumerate(cfg.layer_types):
             if i == cfg.first_kv_shared_layer and logits_index is not None:
                 # Readers never write K/V, so only the positions whose logits are wanted go through them.
-                x, positions, per_layer = _take_rows(logits_index, x, positions, per_layer)
+                x, positions, per_layer, segments = _take_rows(logits_index, x, positions, per_layer, segments)
             reader = sources[i] != i
             entry = None if cache is None or reader else cache[f"layer_{i}"]
             x, ctx, new_entry = block_cls(cfg, i, self.dtype, name=f"layer_{i}")(
@@ -432,6 +512,7 @@ class Gemma4Transformer(nn.Module):
                 entry,
                 None if cache_positions is None else cache_positions[kind],
                 None if slots is None else slots[kind],
+                segments,
             )
             if not reader:
                 contexts[i] = ctx
@@ -439,7 +520,7 @@ class Gemma4Transformer(nn.Module):
                     new_cache[f"layer_{i}"] = new_entry
 
         if logits_index is not None and cfg.num_kv_shared_layers == 0:
-            x, positions, per_layer = _take_rows(logits_index, x, positions, per_layer)
+            x, positions, per_layer, segments = _take_rows(logits_index, x, positions, per_layer, segments)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
         logits = embedder.decode(x)
         if cfg.final_logit_softcap is not None:
@@ -526,6 +607,8 @@ def apply(
     *,
     config: Gemma4Config,
     logits_index: Array | None = None,
+    segments: Array | None = None,
+    per_layer_tokens: Array | None = None,
     remat: bool = False,
 ) -> tuple[Array, Cache | None]:
     """The forward pass: `(params, tokens, positions, cache) -> (logits, cache)`.
@@ -533,11 +616,14 @@ def apply(
     tokens, positions: [B, T] (positions default to 0..T-1; -1 marks padding). Without a cache this is the
     training/scoring path; with one (from `init_cache`) the new K/V are written and the updated cache
     returned. Logits are [B, T, V] (or [B, 1, V] with `logits_index`), soft-capped, in >= float32.
+    `segments` [B, T] (no cache) keeps packed training examples from attending to each other; give each
+    example its own positions from 0. `per_layer_tokens` [B, T, L, P] are the PLE table rows of `tokens` when
+    the table is kept off the device (then `params` need not contain it).
     """
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     model = Gemma4Transformer(config, remat=remat)
-    return model.apply({"params": params}, tokens, positions, cache, logits_index)
+    return model.apply({"params": params}, tokens, positions, cache, logits_index, segments, per_layer_tokens)
 
 
 def cache_lengths(config: Gemma4Config, cache_length: int) -> dict[str, int]:
