@@ -165,7 +165,7 @@ def add_model_args(p: argparse.ArgumentParser, dtype_default: str) -> None:
 
 
 # Modules that add subcommands: each has `register(subparsers)` and imports its heavy dependencies lazily.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("gemma4_jax.export.cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:
