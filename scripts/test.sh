@@ -11,6 +11,11 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
+# Reference files nobody on this project wrote (Google's Gemma 4 chat template, llama.cpp's Gemma 4 vocab) are
+# read from the llama-cpp-python sdist; see tests/references.py.
+if [ ! -f .cache/sdist/llama_cpp_python-0.3.36.tar.gz ]; then
+  python -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d .cache/sdist
+fi
 ruff check .
 ruff format --check .
 python -m pytest -q "$@"
