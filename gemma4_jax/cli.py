@@ -21,10 +21,46 @@ def _parse_token_ids(text: str, what: str) -> list[int]:
 
     parts = [p for p in text.replace(",", " ").split() if p]
     if not parts or not all(p.lstrip("-").isdigit() for p in parts):
-        raise Gemma4Error(
-            f"{what} takes token ids separated by commas (e.g. 2,651,6037) until the tokenizer lands; got {text!r}"
-        )
+        raise Gemma4Error(f"{what} takes token ids separated by commas (e.g. 2,651,6037); got {text!r}")
     return [int(p) for p in parts]
+
+
+def load_tokenizer_for(args, required: bool = True):
+    """The tokenizer from --tokenizer, else from the checkpoint directory; None if there is none and it is
+    not required."""
+    from gemma4_jax.errors import Gemma4Error
+    from gemma4_jax.tokenizer import load_tokenizer
+
+    path = getattr(args, "tokenizer", None) or getattr(args, "checkpoint_dir", None) or args.checkpoint
+    if path is None or not os.path.exists(path):
+        if not required:
+            return None
+        if path is None:
+            raise Gemma4Error("text needs a tokenizer: give --checkpoint DIR with one, or --tokenizer PATH")
+        raise Gemma4Error(f"tokenizer path not found: {path}")
+    try:
+        return load_tokenizer(path)
+    except Gemma4Error:
+        if required:
+            raise
+        return None
+
+
+class TextStream:
+    """Prints generated tokens as text as they arrive, holding back incomplete UTF-8 byte sequences."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):  # a byte-fallback character still missing bytes
+            self.out.write(text[self.printed :])
+            self.out.flush()
+            self.printed = len(text)
 
 
 def load_model(args, default_dtype: str):
@@ -43,11 +79,23 @@ def load_model(args, default_dtype: str):
 
 
 def cmd_generate(args) -> int:
+    from gemma4_jax.errors import Gemma4Error
     from gemma4_jax.sampler import DEFAULT_STOP_TOKENS, Sampler, SamplingConfig
 
     demo = not args.checkpoint and not args.variant
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    prompt = _parse_token_ids(args.prompt, "--prompt")
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise Gemma4Error("give --prompt (text) or --prompt-ids, not both")
+    tokenizer = load_tokenizer_for(args, required=args.prompt is not None or args.chat)
+    if args.prompt is not None:
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt = (
+            tokenizer.encode_chat(messages, add_generation_prompt=True)
+            if args.chat
+            else tokenizer.encode(args.prompt, add_bos=True)
+        )
+    else:
+        prompt = _parse_token_ids(args.prompt_ids or "2", "--prompt-ids")
     cfg, params, source = load_model(args, "bfloat16")
     stop = DEFAULT_STOP_TOKENS if args.stop is None else _parse_token_ids(args.stop, "--stop") if args.stop else ()
     sampler = Sampler(cfg, params, sampling, stop_tokens=stop)
@@ -60,9 +108,10 @@ def cmd_generate(args) -> int:
         )
     print(f"model: {source}; prompt: {len(prompt)} tokens; sampling: {sampling}")
 
-    def on_token(row, token):
+    def print_id(row, token):
         print(token, end=" ", flush=True)
 
+    on_token = TextStream(tokenizer) if tokenizer is not None and args.prompt_ids is None else print_id
     result = sampler.generate([prompt], args.max_new_tokens, seed=args.seed, on_token=on_token)
     n = len(result.tokens[0])
     print()
@@ -72,6 +121,48 @@ def cmd_generate(args) -> int:
         f"prefill {result.prefill_seconds:.2f} s, decode {rate:.1f} tok/s"
     )
     return 0
+
+
+def cmd_chat(args) -> int:
+    """A multi-turn terminal chat: each turn re-renders the conversation with the chat template and streams
+    the answer. Commands: /reset, /quit (or end of input)."""
+    from gemma4_jax.errors import Gemma4Error
+    from gemma4_jax.sampler import DEFAULT_STOP_TOKENS, Sampler, SamplingConfig
+
+    tokenizer = load_tokenizer_for(args)
+    cfg, params, source = load_model(args, "bfloat16")
+    sampler = Sampler(cfg, params, SamplingConfig(args.temperature, args.top_k, args.top_p), DEFAULT_STOP_TOKENS)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print(f"model: {source}. Type a message; /reset starts over, /quit or Ctrl-D ends.", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() == "/quit":
+            return 0
+        if line.strip() == "/reset":
+            messages = list(system)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.encode_chat(messages, add_generation_prompt=True, enable_thinking=args.thinking)
+        try:
+            sampler.validate([prompt], args.max_new_tokens)
+        except Gemma4Error as e:
+            messages.pop()
+            print(f"gemma4-jax: {e} (/reset to start over)", file=sys.stderr)
+            continue
+        print("model> ", end="", flush=True)
+        stream = TextStream(tokenizer)
+        result = sampler.generate([prompt], args.max_new_tokens, seed=args.seed + turn, on_token=stream)
+        print()
+        messages.append({"role": "assistant", "content": tokenizer.decode(result.tokens[0], skip_special=True)})
+        turn += 1
 
 
 def cmd_logits(args) -> int:
@@ -164,6 +255,14 @@ def add_model_args(p: argparse.ArgumentParser, dtype_default: str) -> None:
     p.add_argument("--init-seed", type=int, default=0, help="seed of random weights (--variant / demo)")
 
 
+def sampling_args(p: argparse.ArgumentParser) -> None:
+    # Defaults are the ones the official checkpoints ship in generation_config.json (spec §3.6).
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=64, help="default 64")
+    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
 # Modules that add subcommands: each has `register(subparsers)` and imports its heavy dependencies lazily.
 _COMMAND_MODULES: tuple[str, ...] = ("gemma4_jax.export.cli",)
 
@@ -175,19 +274,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt.")
     add_model_args(g, "bfloat16")
-    g.add_argument(
-        "--prompt",
-        default="2",
-        help="prompt as token ids, e.g. 2,651,6037 (BOS=2 first). Text prompts arrive with the tokenizer.",
-    )
+    g.add_argument("--prompt", help="prompt text (encoded with the checkpoint's tokenizer, one <bos> first)")
+    g.add_argument("--prompt-ids", help="prompt as token ids instead, e.g. 2,651,6037 (default: 2, i.e. <bos>)")
+    g.add_argument("--chat", action="store_true", help="wrap --prompt in a user turn of the chat template")
+    g.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json or its directory (default: the checkpoint)")
     g.add_argument("--max-new-tokens", type=int, default=32)
-    # Defaults are the ones the official checkpoints ship in generation_config.json (spec §3.6).
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    g.add_argument("--top-k", type=int, default=64, help="default 64")
-    g.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sampling_args(g)
     g.add_argument("--stop", default=None, help="stop token ids (default 1,106,50; empty string: none)")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="multi-turn chat in the terminal", description=cmd_chat.__doc__)
+    add_model_args(c, "bfloat16")
+    c.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json or its directory (default: the checkpoint)")
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--thinking", action="store_true", help="enable thinking (<|think|> in the system turn)")
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    sampling_args(c)
+    c.set_defaults(func=cmd_chat)
 
     lg = sub.add_parser(
         "logits", help="write full-forward logits to .npy", description="Write float32 [T, vocab] logits."

@@ -8,8 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from references import gemma4_chat_template
+from tokenizer_fixture import write_tokenizer
 
 from gemma4_jax import checkpoint, cli, config, model
+from gemma4_jax.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +20,7 @@ def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
     cfg = config.TINY_KEQV
     checkpoint.save_hf_checkpoint(str(path), cfg, model.init_params(cfg, 3, jnp.float32))
+    write_tokenizer(str(path), chat_template=gemma4_chat_template())
     return path
 
 
@@ -34,10 +38,43 @@ def test_demo_generate_runs_offline(capsys):
 
 
 def test_generate_from_checkpoint(capsys, ckpt):
-    code, out, _ = _run(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", "2,17,33", "--temperature", "0")
+    argv = ["generate", "--checkpoint", str(ckpt), "--prompt-ids", "2,17,33", "--temperature", "0", "--stop", ""]
+    code, out, _ = _run(capsys, *argv)
     assert code == 0
     tokens_line = out.strip().splitlines()[-2]
     assert len(tokens_line.split()) == 32
+
+
+def test_generate_text_prompt_streams_text(capsys, ckpt):
+    """A text prompt is encoded with the checkpoint's tokenizer (one <bos>) and the answer streams as text:
+    the printed text equals the decoded greedy tokens of the same prompt ids."""
+    tok = load_tokenizer(str(ckpt))
+    argv = ["generate", "--checkpoint", str(ckpt), "--prompt", "The capital of France", "--temperature", "0"]
+    code, out, err = _run(capsys, *argv, "--stop", "", "--max-new-tokens", "12")
+    assert code == 0, err
+    prompt = tok.encode("The capital of France", add_bos=True)
+    assert prompt[0] == 2 and prompt.count(2) == 1
+    cfg, params = checkpoint.load_hf_checkpoint(str(ckpt))
+    from gemma4_jax.sampler import Sampler, SamplingConfig
+
+    expected = Sampler(cfg, params, SamplingConfig(), stop_tokens=()).generate([prompt], 12).tokens[0]
+    assert tok.decode(expected) in out
+
+
+def test_chat_multi_turn(capsys, ckpt, monkeypatch):
+    lines = iter(["Hello!", "/reset", "What is 2+2?"])
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    argv = ["chat", "--checkpoint", str(ckpt), "--temperature", "0", "--max-new-tokens", "5", "--system", "Be brief"]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert out.count("model> ") == 2
 
 
 def test_logits_equal_a_full_forward(capsys, ckpt, tmp_path):
@@ -65,9 +102,10 @@ def test_info_reports_spec_counts(capsys):
         (["info", "--variant", "e3b"], "unknown variant 'e3b'"),
         (["generate", "--variant", "nope"], "unknown variant 'nope'"),
         (["generate", "--checkpoint", "/nonexistent/dir"], "checkpoint directory not found"),
-        (["generate", "--prompt", "hello world"], "--prompt takes token ids"),
-        (["generate", "--prompt", "2,600"], "token id 600 is outside the vocabulary"),
-        (["generate", "--prompt", "2,3", "--max-new-tokens", "511"], "exceeds the 512-token context"),
+        (["generate", "--prompt", "hello world"], "text needs a tokenizer"),
+        (["generate", "--prompt-ids", "hello"], "--prompt-ids takes token ids"),
+        (["generate", "--prompt-ids", "2,600"], "token id 600 is outside the vocabulary"),
+        (["generate", "--prompt-ids", "2,3", "--max-new-tokens", "511"], "exceeds the 512-token context"),
         (["logits", "--tokens", "2,9999", "--out", "/tmp/x.npy"], "token id 9999"),
         (["generate", "--top-p", "0"], "top-p must be in"),
     ],
