@@ -33,3 +33,46 @@ def llama_cpp_file(path: str) -> bytes:
 
 def gemma4_chat_template(name: str = "google-gemma-4-31B-it.jinja") -> str:
     return llama_cpp_file(f"models/templates/{name}").decode("utf-8")
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_metadata(data: bytes) -> dict:
+    """The key/value metadata of a GGUF file (v3). A direct parse: gguf-py's GGUFReader takes minutes on the
+    262k-token vocab because it builds a numpy view per string."""
+    import struct
+
+    offset = 0
+
+    def take(fmt):
+        nonlocal offset
+        (value,) = struct.unpack_from(fmt, data, offset)
+        offset += struct.calcsize(fmt)
+        return value
+
+    def string():
+        nonlocal offset
+        n = take("<Q")
+        offset += n
+        return data[offset - n : offset].decode("utf-8")
+
+    def value(kind):
+        if kind == 8:
+            return string()
+        if kind == 9:
+            item_kind, count = take("<I"), take("<Q")
+            return [value(item_kind) for _ in range(count)]
+        return take(_GGUF_SCALARS[kind])
+
+    if data[:4] != b"GGUF":
+        raise ValueError("not a GGUF file")
+    offset = 4
+    take("<I")  # version
+    take("<Q")  # tensor count
+    kv_count = take("<Q")
+    out = {}
+    for _ in range(kv_count):
+        key = string()
+        out[key] = value(take("<I"))
+    return out

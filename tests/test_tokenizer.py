@@ -8,7 +8,7 @@ converter turns it into the tokenizer.json that HF checkpoints ship. The chat te
 import os
 
 import pytest
-from references import gemma4_chat_template
+from references import gemma4_chat_template, gguf_metadata, llama_cpp_file
 from tokenizer_fixture import GEMMA4_SPECIAL_IDS, write_tokenizer
 
 from gemma4_jax.errors import Gemma4Error
@@ -190,3 +190,41 @@ def test_bad_input(tmp_path, tok_dir):
         tok.render_chat([{"role": "robot", "content": "beep"}])
     with pytest.raises(Gemma4Error, match="at least one"):
         tok.render_chat([])
+
+
+def test_real_gemma4_vocabulary_matches_llama_cpp(tmp_path):
+    """The real 262,144-token Gemma 4 vocabulary (llama.cpp's vocab-only GGUF) as an HF BPE tokenizer.json: our
+    tokenizer reproduces llama.cpp's tokenization test vectors (.inp -> .out, written by llama.cpp's authors),
+    and the special ids are the ones the spec (§4.3) and our fixture use."""
+    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    meta = gguf_metadata(llama_cpp_file("models/ggml-vocab-gemma-4.gguf"))
+    pieces, kinds = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    bpe = models.BPE(
+        vocab={p: i for i, p in enumerate(pieces)},
+        merges=[tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]],
+        unk_token="<unk>",
+        byte_fallback=True,
+    )
+    hf = HFTokenizer(bpe)
+    hf.normalizer = normalizers.Replace(" ", "\u2581")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    control, user_defined = 3, 4  # llama.cpp token types
+    specials = [p for p, k in zip(pieces, kinds, strict=True) if k in (control, user_defined)]
+    hf.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in specials])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(str(tmp_path))
+
+    assert tok.vocab_size == 262_144 and (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2)
+    for token_id, piece in GEMMA4_SPECIAL_IDS.items():
+        assert tok.token_id(piece) == token_id
+    for piece, token_id in [("<|image>", 255_999), ("<|audio>", 256_000), ("<|image|>", 258_880), ("\n\n", 108)]:
+        assert tok.token_id(piece) == token_id
+
+    texts = llama_cpp_file("models/ggml-vocab-gemma-4.gguf.inp").decode().split("\n__ggml_vocab_test__\n")
+    expected = llama_cpp_file("models/ggml-vocab-gemma-4.gguf.out").decode().removesuffix("\n").split("\n")
+    assert len(texts) == len(expected) >= 40
+    for text, ids in zip(texts, expected, strict=True):
+        assert tok.encode(text) == [int(i) for i in ids.split()], repr(text)
+        assert tok.decode(tok.encode(text)) == text
