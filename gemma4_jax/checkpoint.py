@@ -202,10 +202,22 @@ def params_from_hf(
     config: Gemma4Config, read: Callable[[str], np.ndarray | None], dtype=jnp.bfloat16, source: str = "checkpoint"
 ) -> Params:
     """Builds the parameter tree from HF tensors. `read(name)` returns an array or None if absent."""
-    shapes = param_shapes(config, dtype)
-    target = _np_dtype(dtype)
     params: Params = {}
+    for path, value in hf_to_nested(config, read, dtype, source):
+        _set(params, path, jnp.asarray(value))
+    return params
+
+
+def hf_to_nested(
+    config: Gemma4Config, read: Callable[[str], np.ndarray | None], dtype=jnp.bfloat16, source: str = "checkpoint"
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """(official-tree path, numpy array) for every parameter, one at a time; `dtype=None` keeps stored dtypes.
+
+    Absent reader-layer K/V come back as zeros (in the dtype of the tensor read before them)."""
+    shapes = param_shapes(config)
+    target = None if dtype is None else _np_dtype(dtype)
     missing = []
+    last_dtype = target or np.dtype(np.float32)
     for entry in mapping(config):
         expected = _get(shapes, entry.path).shape
         arrays = [read(name) for name in entry.hf_names]
@@ -213,7 +225,7 @@ def params_from_hf(
             if not entry.optional:
                 missing += [n for n, a in zip(entry.hf_names, arrays, strict=True) if a is None]
                 continue
-            value = np.zeros(expected, target)
+            value = np.zeros(expected, target or last_dtype)
         else:
             try:
                 value = entry.from_hf(*arrays)
@@ -224,11 +236,11 @@ def params_from_hf(
                 raise Gemma4Error(
                     f"{source}: shape mismatch for {'/'.join(entry.path)}: file has {got}, config expects {expected}"
                 )
-        _set(params, entry.path, jnp.asarray(value.astype(target, copy=False)))
+            last_dtype = value.dtype
+        yield entry.path, value if target is None else value.astype(target, copy=False)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise Gemma4Error(f"{source}: missing tensors {', '.join(missing[:3])}{more}")
-    return params
 
 
 _SAFETENSORS_DTYPES = {
@@ -281,6 +293,15 @@ class SafetensorsDir:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def dtype(self, name: str) -> np.dtype | None:
+        """The stored dtype of tensor `name` (None if absent), from the header alone."""
+        if name not in self._where:
+            return None
+        code = self._where[name][1].get("dtype")
+        if code not in _SAFETENSORS_DTYPES:
+            raise Gemma4Error(f"{self._where[name][0]}: tensor {name} has unsupported dtype {code!r}")
+        return _SAFETENSORS_DTYPES[code]
+
     def read(self, name: str) -> np.ndarray | None:
         if name not in self._where:
             return None
@@ -305,14 +326,19 @@ def _text_prefix(names: list[str]) -> str:
     raise Gemma4Error("no text embedding tensor (model[.language_model].embed_tokens.weight) in the checkpoint")
 
 
-def load_hf_checkpoint(path: str, dtype=jnp.bfloat16) -> tuple[Gemma4Config, Params]:
-    """Loads `config.json` + `*.safetensors` (as `save_pretrained` writes them) into the official tree."""
+def open_hf_checkpoint(
+    path: str, config: Gemma4Config | None = None
+) -> tuple[Gemma4Config, Callable[[str], np.ndarray | None], list[str]]:
+    """(config, read(name without prefix), names of the non-text tensors) of an HF directory, checked: every
+    text tensor belongs to the config (`config.json`, or `config` if given). Nothing is read yet."""
     if not os.path.isdir(path):
         raise Gemma4Error(f"checkpoint directory not found: {path}")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise Gemma4Error(f"{path}: missing config.json (expected an HF checkpoint directory)")
-    config = Gemma4Config.load_json(config_path, name=os.path.basename(os.path.normpath(path)))
+    hint = "does the given --variant/--config match the weights?" if config else "does config.json match the weights?"
+    if config is None:
+        config_path = os.path.join(path, "config.json")
+        if not os.path.exists(config_path):
+            raise Gemma4Error(f"{path}: missing config.json (expected an HF checkpoint directory)")
+        config = Gemma4Config.load_json(config_path, name=os.path.basename(os.path.normpath(path)))
     files = SafetensorsDir(path)
     names = files.names()
     prefix = _text_prefix(names)
@@ -323,10 +349,20 @@ def load_hf_checkpoint(path: str, dtype=jnp.bfloat16) -> tuple[Gemma4Config, Par
         more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
         raise Gemma4Error(
             f"{path}: tensors not in a {config.num_layers}-layer config: {', '.join(sorted(unexpected)[:3])}{more}"
-            " — does config.json match the weights?"
+            f" — {hint}"
         )
-    params = params_from_hf(config, lambda name: files.read(prefix + name), dtype, source=path)
-    return config, params
+    # lm_head is tied to the embedding (a copy, when written at all): not "other" weights.
+    other = [n for n in names if n.startswith(_OTHER_PARTS) and not n.startswith("lm_head.")]
+    return config, lambda name: files.read(prefix + name), other
+
+
+def load_hf_checkpoint(
+    path: str, dtype=jnp.bfloat16, config: Gemma4Config | None = None
+) -> tuple[Gemma4Config, Params]:
+    """Loads `config.json` (or `config`) + `*.safetensors` (as `save_pretrained` writes them) into the official
+    tree."""
+    config, read, _ = open_hf_checkpoint(path, config)
+    return config, params_from_hf(config, read, dtype, source=path)
 
 
 def save_hf_checkpoint(path: str, config: Gemma4Config, params: Params) -> None:
