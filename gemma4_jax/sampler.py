@@ -18,6 +18,7 @@ import numpy as np
 from gemma4_jax.config import Gemma4Config
 from gemma4_jax.errors import Gemma4Error
 from gemma4_jax.model import Params, apply, init_cache
+from gemma4_jax.ple import HostPLE, split_table
 
 # <eos>, <turn|>, <|tool_response> (spec §3.6)
 DEFAULT_STOP_TOKENS = (1, 106, 50)
@@ -77,20 +78,28 @@ def _bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
 
+# `ple_rows` [B, T, L, P]: PLE table rows gathered on the host (None: the table is in `params`).
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
-def _prefill(config, sampling, params, tokens, positions, cache, last_index, key):
-    logits, cache = apply(params, tokens, positions, cache, config=config, logits_index=last_index)
+def _prefill(config, sampling, params, tokens, positions, cache, last_index, key, ple_rows):
+    logits, cache = apply(
+        params, tokens, positions, cache, config=config, logits_index=last_index, per_layer_tokens=ple_rows
+    )
     return sample_token(logits[:, 0], key, sampling), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
-def _step(config, sampling, params, token, position, cache, key):
-    logits, cache = apply(params, token[:, None], position[:, None], cache, config=config)
+def _step(config, sampling, params, token, position, cache, key, ple_rows):
+    logits, cache = apply(params, token[:, None], position[:, None], cache, config=config, per_layer_tokens=ple_rows)
     return sample_token(logits[:, 0], key, sampling), cache
 
 
 class Sampler:
-    """Generates from a model. Compilations are shared by all samplers with the same config and sampling."""
+    """Generates from a model. Compilations are shared by all samplers with the same config and sampling.
+
+    `ple_table` keeps the PLE table off the device (`gemma4_jax.ple.HostPLE`): the prompt's and each new
+    token's rows are gathered on the host and only they go to the device. A `HostPLE` found in `params` in
+    place of the table (`ple.place_table`) is used the same way.
+    """
 
     def __init__(
         self,
@@ -99,12 +108,22 @@ class Sampler:
         sampling: SamplingConfig = SamplingConfig(),
         stop_tokens: Sequence[int] = DEFAULT_STOP_TOKENS,
         cache_dtype=None,
+        ple_table: HostPLE | None = None,
     ):
+        without_table, table = split_table(params)
+        if ple_table is None and isinstance(table, HostPLE):
+            ple_table = table
+        if ple_table is not None:
+            params = without_table  # a device copy of the table, if any, would go unused
+        elif config.per_layer_input_dim and table is None:
+            raise Gemma4Error("the PLE table is neither in the parameters nor given as ple_table")
+        self.ple_table = ple_table
         self.config = config
         self.params = params
         self.sampling = sampling
         self.stop_tokens = tuple(stop_tokens)
-        self.cache_dtype = cache_dtype or jax.tree_util.tree_leaves(params)[0].dtype
+        # The embedding's dtype is the compute dtype, also when it is a weight object (packed codes inside).
+        self.cache_dtype = cache_dtype or params["embedder"]["input_embedding"].dtype
 
     def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         context = self.config.max_context
@@ -149,10 +168,14 @@ class Sampler:
         last_index = jnp.asarray(lengths - 1)
         compile_start = time.perf_counter()  # ahead-of-time compilation; a cache hit once the shapes were seen
         static = (self.config, self.sampling, self.params)
-        prefill = _prefill.lower(*static, tokens, positions, cache, last_index, key).compile()
-        step_fn = _step.lower(*static, last_index, last_index, cache, key).compile()
+        prompt_rows = self._ple_rows(tokens)
+        step_rows = self._ple_rows(np.zeros((batch, 1), np.int32))
+        prefill = _prefill.lower(*static, tokens, positions, cache, last_index, key, prompt_rows).compile()
+        step_fn = _step.lower(*static, last_index, last_index, cache, key, step_rows).compile()
         prefill_start = time.perf_counter()
-        token, cache = prefill(self.params, tokens, positions, cache, last_index, jax.random.fold_in(key, 0))
+        token, cache = prefill(
+            self.params, tokens, positions, cache, last_index, jax.random.fold_in(key, 0), prompt_rows
+        )
         token.block_until_ready()
         decode_start = time.perf_counter()
         out: list[list[int]] = [[] for _ in range(batch)]
@@ -171,10 +194,20 @@ class Sampler:
                     on_token(int(row), int(ids[row]))
             if done.all() or step == max_new_tokens - 1:
                 break
-            token, cache = step_fn(self.params, token, jnp.asarray(position), cache, jax.random.fold_in(key, step + 1))
+            token, cache = step_fn(
+                self.params,
+                token,
+                jnp.asarray(position),
+                cache,
+                jax.random.fold_in(key, step + 1),
+                self._ple_rows(ids[:, None]),  # the token is on the host already (streaming)
+            )
             position += 1
             steps += 1
         end = time.perf_counter()
         return Generation(
             out, reasons, prefill_start - compile_start, decode_start - prefill_start, end - decode_start, steps
         )
+
+    def _ple_rows(self, tokens: np.ndarray) -> np.ndarray | None:
+        return None if self.ple_table is None else self.ple_table.rows(tokens)
