@@ -1,0 +1,370 @@
+"""The LoRA training loop: one jitted step (AdamW, warmup + cosine, clipping, gradient accumulation), eval,
+metrics, progress, and orbax checkpoints that a resumed run continues from exactly.
+
+Output directory:
+  checkpoints/<step>/      orbax: adapters + optimizer state ("state") and the data position ("meta")
+  metrics.jsonl            one object per step ({"step", "loss", "lr", "grad_norm", "tokens", ...}) and per eval
+  adapter_model.safetensors, adapter_config.json   the final adapters in Hugging Face PEFT layout
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gemma4_jax.train import lora as lora_lib
+from gemma4_jax.train.data import Batches, Rows
+
+from gemma4_jax import model
+from gemma4_jax.config import Gemma4Config
+from gemma4_jax.errors import Gemma4Error
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch: int = 4
+    accumulation: int = 1
+    seq_len: int = 512
+    lr: float = 1e-4
+    warmup_steps: int | None = None  # default: 10 % of the steps, at most 100
+    min_lr_ratio: float = 0.1  # the cosine decays to lr · min_lr_ratio
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    save_every: int = 50
+    eval_every: int = 50
+    seed: int = 0
+    remat: bool = False
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "accumulation", "save_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise Gemma4Error(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise Gemma4Error(f"learning rate must be > 0, got {self.lr}")
+
+    @property
+    def warmup(self) -> int:
+        return min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+
+    # What a resumed run must share with the original one to continue it exactly.
+    def trajectory(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in ("save_every", "eval_every", "remat"):
+            d.pop(key)
+        return d
+
+
+def make_optimizer(tc: TrainConfig):
+    import optax
+
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tc.lr,
+        warmup_steps=tc.warmup,
+        decay_steps=max(tc.steps, tc.warmup + 1),
+        end_value=tc.lr * tc.min_lr_ratio,
+    )
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm), optax.adamw(schedule, weight_decay=tc.weight_decay)
+    )
+    return optimizer, schedule
+
+
+def token_losses(params, batch, config: Gemma4Config, remat: bool) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted next-token NLL, sum of weights) of one [B, T] batch of packed rows."""
+    logits, _ = model.apply(
+        params, batch["inputs"], batch["positions"], config=config, segments=batch["segments"], remat=remat
+    )
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    weights = batch["weights"].astype(jnp.float32)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+@functools.lru_cache(maxsize=8)
+def make_step(config: Gemma4Config, lora: lora_lib.LoraConfig, tc: TrainConfig) -> Callable:
+    """step(adapters, opt_state, base, batch [A, B, T], step) -> (adapters, opt_state, metrics).
+
+    The A micro-batches are scanned; the loss is the token-weighted mean over all of them (the same update as
+    one batch of A·B rows). `base` is an argument (not a constant baked into the program) and is not donated:
+    it is read in place every step.
+    """
+    import optax
+
+    optimizer, _ = make_optimizer(tc)
+
+    def loss_sums(adapters, base, micro, key):
+        params = lora_lib.attach(base, adapters, config, lora, key)
+        return token_losses(params, micro, config, tc.remat)
+
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def step(adapters, opt_state, base, batch, step_index):
+        key = jax.random.fold_in(jax.random.key(tc.seed), step_index)
+        keys = jax.random.split(key, tc.accumulation)
+
+        def micro_step(carry, xs):
+            grads, total, count = carry
+            micro, k = xs
+            (s, n), g = grad_fn(adapters, base, micro, k)
+            return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, adapters)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, total, count), _ = jax.lax.scan(micro_step, init, (batch, keys))
+        denominator = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, adapters)
+        adapters = optax.apply_updates(adapters, updates)
+        metrics = {"loss": total / denominator, "grad_norm": optax.global_norm(grads), "tokens": count}
+        return adapters, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def make_eval(config: Gemma4Config, lora: lora_lib.LoraConfig) -> Callable:
+    @jax.jit
+    def evaluate(adapters, base, batch):
+        return token_losses(lora_lib.attach(base, adapters, config, lora), batch, config, False)
+
+    return evaluate
+
+
+def tree_bytes(tree) -> int:
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+# ----- checkpoints -------------------------------------------------------------------------------------------
+
+
+def _manager(out_dir: str):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+    # orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a killed
+    # run leaves either a whole checkpoint or a temporary directory that `all_steps` ignores.
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, CHECKPOINTS)), options=options)
+
+
+def save_checkpoint(manager, step: int, adapters, opt_state, meta: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    state = {"adapters": adapters, "opt_state": opt_state}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, step: int, adapters, opt_state) -> tuple[dict, object, dict]:
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"adapters": adapters, "opt_state": opt_state}
+    )
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    )
+    return restored.state["adapters"], restored.state["opt_state"], dict(restored.meta)
+
+
+# ----- progress ----------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One line per update: a bar, the loss, training tokens/s and the ETA (redrawn in place on a terminal)."""
+
+    def __init__(self, total: int, start: int, stream=sys.stderr):
+        self.total, self.start, self.stream = total, start, stream
+        self.tty = stream.isatty()
+        self.every = 1 if self.tty else max(1, (total - start) // 20)
+        self.t0: float | None = None  # after the first (compiling) step
+        self.tokens_since = 0.0
+
+    def update(self, step: int, loss: float, tokens: float) -> float:
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0, self.first = now, step
+            rate = float("nan")
+        else:
+            self.tokens_since += tokens
+            rate = self.tokens_since / max(now - self.t0, 1e-9)
+        if step % self.every == 0 or step == self.total:
+            done = step - self.first
+            eta = (now - self.t0) / done * (self.total - step) if done else float("nan")
+            eta_text = "?" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+            width = 20
+            filled = int(width * step / self.total)
+            bar = "#" * filled + "." * (width - filled)
+            rate_text = "-" if math.isnan(rate) else f"{rate:,.0f}"
+            line = f"step {step}/{self.total} [{bar}] loss {loss:.4f} | {rate_text} tok/s | ETA {eta_text}"
+            self.stream.write(("\r" + line) if self.tty else line + "\n")
+            self.stream.flush()
+        return rate
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+
+
+# ----- the loop ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+    adapters: dict
+    losses: dict[int, float]  # step -> training loss (steps run in this call)
+    eval_losses: dict[int, float]
+    start_step: int
+    seconds: float
+
+
+def _metrics_rewind(path: str, keep_through: int) -> None:
+    """On resume: drop metrics of steps after the restored checkpoint (a killed run may have logged them)."""
+    from gemma4_jax.checkpoint import atomic_write
+
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_through]
+    atomic_write(path, lambda tmp: open(tmp, "w").writelines(lines))
+
+
+def train(
+    config: Gemma4Config,
+    base: dict,
+    train_rows: Rows,
+    eval_rows: Rows | None,
+    lora: lora_lib.LoraConfig,
+    tc: TrainConfig,
+    out_dir: str,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Trains LoRA adapters on `base` (frozen; dense or quantized leaves) and writes `out_dir` (see module doc)."""
+    import optax  # noqa: F401  (fail early if missing)
+
+    started = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    manager = _manager(out_dir)
+    existing = list(manager.all_steps())
+    if existing and not resume:
+        raise Gemma4Error(f"{out_dir} already has checkpoints (steps {existing}): pass --resume or choose a new -o")
+
+    optimizer, schedule = make_optimizer(tc)
+    adapters = lora_lib.init_adapters(config, lora, tc.seed)
+    opt_state = optimizer.init(adapters)
+    batches = Batches(train_rows, tc.batch, tc.accumulation, tc.seed)
+    fingerprint = train_rows.fingerprint()
+    run = {"lora": lora.to_dict(), "train": tc.trajectory(), "data_fingerprint": fingerprint}
+
+    start = 0
+    metrics_path = os.path.join(out_dir, METRICS)
+    if resume and existing:
+        start = max(existing)
+        adapters, opt_state, meta = restore_checkpoint(manager, start, adapters, opt_state)
+        differs = [k for k in run if meta.get("run", {}).get(k) != run[k]]
+        if differs:
+            raise Gemma4Error(
+                f"--resume: this run's {', '.join(differs)} differ from the checkpoint's in {out_dir}; "
+                "resume with the same data and settings"
+            )
+        if meta["rows_consumed"] != start * batches.rows_per_step:
+            raise Gemma4Error(f"--resume: checkpoint {start} records an inconsistent data position")
+        _metrics_rewind(metrics_path, start)
+        log(f"resuming from step {start} (epoch {batches.epoch_of(start):.2f}) in {out_dir}")
+    elif resume:
+        log(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
+    if not (resume and existing) and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run (a run killed before its first checkpoint starts over)
+
+    n_adapter = lora_lib.count(adapters)
+    n_base = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(base, is_leaf=lambda x: not isinstance(x, dict)))
+    log(
+        f"LoRA r={lora.rank} alpha={lora.alpha:g} dropout={lora.dropout:g} on {lora_lib.summary(config, adapters)}\n"
+        f"adapter parameters: {n_adapter:,} ({100 * n_adapter / n_base:.3f} % of {n_base:,}); "
+        f"optimizer state: {tree_bytes(opt_state):,} bytes (AdamW: 2 f32 moments per adapter parameter)\n"
+        f"data: {len(train_rows)} packed rows of {tc.seq_len} for training, "
+        f"{0 if eval_rows is None else len(eval_rows)} for eval; {tc.batch} x {tc.accumulation} rows per step"
+    )
+
+    step_fn = make_step(config, lora, dataclasses.replace(tc, save_every=1, eval_every=1))
+    eval_fn = make_eval(config, lora) if eval_rows is not None and len(eval_rows) else None
+
+    def run_eval(adapters) -> float:
+        total = count = 0.0
+        for first in range(0, len(eval_rows), tc.batch):
+            index = np.arange(first, first + tc.batch) % len(eval_rows)
+            batch = eval_rows.take(index)
+            batch["weights"] = batch["weights"] * (np.arange(first, first + tc.batch) < len(eval_rows))[:, None]
+            s, n = eval_fn(adapters, base, batch)
+            total, count = total + float(s), count + float(n)
+        return total / max(count, 1.0)
+
+    losses: dict[int, float] = {}
+    eval_losses: dict[int, float] = {}
+    progress = Progress(tc.steps, start)
+    last_saved = start if existing and resume else None
+    with open(metrics_path, "a") as metrics_file:
+
+        def record(entry):
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
+
+        for step in range(start + 1, tc.steps + 1):
+            batch = batches.at(step - 1)
+            adapters, opt_state, m = step_fn(adapters, opt_state, base, batch, step - 1)
+            loss, tokens = float(m["loss"]), float(m["tokens"])
+            if not math.isfinite(loss):
+                progress.close()
+                kept = f"the last good checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
+                raise Gemma4Error(
+                    f"non-finite training loss ({loss}) at step {step}; stopped ({kept} in {out_dir}). "
+                    "Lower --lr or check the data."
+                )
+            losses[step] = loss
+            rate = progress.update(step, loss, float(np.sum(batch["positions"] >= 0)))
+            record(
+                {
+                    "step": step,
+                    "loss": loss,
+                    "lr": float(schedule(step - 1)),
+                    "grad_norm": float(m["grad_norm"]),
+                    "tokens": tokens,
+                    "tokens_per_s": None if math.isnan(rate) else rate,
+                    "epoch": batches.epoch_of(step),
+                }
+            )
+            if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
+                eval_losses[step] = run_eval(adapters)
+                record({"step": step, "eval_loss": eval_losses[step]})
+                log(f"step {step}: eval loss {eval_losses[step]:.4f}")
+            if step % tc.save_every == 0 or step == tc.steps:
+                meta = {"step": step, "rows_consumed": step * batches.rows_per_step, "run": run}
+                save_checkpoint(manager, step, adapters, opt_state, meta)
+                last_saved = step
+    progress.close()
+    return TrainResult(adapters, losses, eval_losses, start, time.perf_counter() - started)
+
+
+def latest_adapters(out_dir: str, config: Gemma4Config, lora: lora_lib.LoraConfig, tc: TrainConfig):
+    """The adapters of the newest checkpoint in `out_dir`."""
+    manager = _manager(out_dir)
+    if manager.latest_step() is None:
+        raise Gemma4Error(f"{out_dir}: no checkpoints")
+    optimizer, _ = make_optimizer(tc)
+    adapters = lora_lib.init_adapters(config, lora, tc.seed)
+    adapters, _, _ = restore_checkpoint(manager, manager.latest_step(), adapters, optimizer.init(adapters))
+    return adapters
