@@ -67,14 +67,22 @@ def load_model(args, default_dtype: str):
     """(config, params, description) from --checkpoint, --variant, or the built-in demo model."""
     import jax.numpy as jnp
 
-    from gemma4_jax import checkpoint, config, model
+    from gemma4_jax import config, model, ple, quant, sources
 
     dtype = jnp.dtype(_DTYPES[args.dtype or default_dtype])
+    ple_mode = getattr(args, "ple", "device")  # host/mmap: the PLE table leaf becomes a ple.HostPLE
+    if args.checkpoint and quant.is_quantized_checkpoint(args.checkpoint):  # written by `gemma4-jax quantize`
+        args.checkpoint_dir = args.checkpoint
+        cfg, params = quant.load_quantized(args.checkpoint, dtype if args.dtype else None)
+        return cfg, params, f"quantized checkpoint {args.checkpoint}"
     if args.checkpoint:
-        cfg, params = checkpoint.load_hf_checkpoint(args.checkpoint, dtype=dtype)
-        return cfg, params, f"checkpoint {args.checkpoint}"
-    cfg = config.get_config(args.variant or DEMO_VARIANT)
-    params = model.init_params(cfg, args.init_seed, dtype)
+        # orbax/HF directory, kaggle:..., hf:...; checkpoint_dir: the local directory with its tokenizer files
+        cfg, params, args.checkpoint_dir = sources.load_checkpoint(
+            args.checkpoint, dtype, variant=args.variant, config_file=getattr(args, "config", None), progress=True
+        )
+        return cfg, ple.place_table(cfg, params, ple_mode, args.checkpoint_dir), f"checkpoint {args.checkpoint}"
+    cfg = sources.given_config(args.variant, getattr(args, "config", None)) or config.get_config(DEMO_VARIANT)
+    params = ple.place_table(cfg, model.init_params(cfg, args.init_seed, dtype), ple_mode)
     return cfg, params, f"random weights (variant {cfg.name}, seed {args.init_seed})"
 
 
@@ -194,14 +202,10 @@ def cmd_logits(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from gemma4_jax import config, model
-    from gemma4_jax.errors import Gemma4Error
+    from gemma4_jax import config, model, sources
 
-    if args.checkpoint:
-        path = os.path.join(args.checkpoint, "config.json")
-        if not os.path.isdir(args.checkpoint):
-            raise Gemma4Error(f"checkpoint directory not found: {args.checkpoint}")
-        cfg = config.Gemma4Config.load_json(path)
+    if args.checkpoint:  # orbax: the variant is recognised from the tensor metadata, nothing is read
+        cfg = sources.checkpoint_config(args.checkpoint)
     else:
         cfg = config.get_config(args.variant or DEMO_VARIANT)
     shapes = model.param_shapes(cfg)
@@ -244,15 +248,27 @@ def cmd_info(args) -> int:
 
 
 def add_model_args(p: argparse.ArgumentParser, dtype_default: str) -> None:
-    """--checkpoint / --variant / --dtype / --init-seed, read by `load_model`."""
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="HF checkpoint directory (config.json + *.safetensors)")
-    src.add_argument(
-        "--variant",
-        help=f"random weights of a preset (e2b, e4b, 31b, 26b_a4b, tiny, ...); default: the {DEMO_VARIANT} demo",
+    """--checkpoint / --variant / --dtype / --init-seed / --ple, read by `load_model`."""
+    p.add_argument(
+        "--checkpoint",
+        help="official orbax (Flax) or HF directory, kaggle:OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION], "
+        "or hf:OWNER/NAME",
     )
+    p.add_argument(
+        "--variant",
+        help="with --checkpoint: force this variant (default: recognised from the tensor shapes); without: random "
+        f"weights of a preset (e2b, e4b, 31b, 26b_a4b, tiny, ...); default: the {DEMO_VARIANT} demo",
+    )
+    p.add_argument("--config", help="HF-style config.json for sizes other than the presets (with/without --checkpoint)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help=f"parameter/compute dtype (default {dtype_default})")
     p.add_argument("--init-seed", type=int, default=0, help="seed of random weights (--variant / demo)")
+    p.add_argument(
+        "--ple",
+        choices=("device", "host", "mmap"),
+        default="device",
+        help="where the Per-Layer-Embedding table lives: device memory (default), host RAM, or memory-mapped from "
+        "the checkpoint's safetensors file (mmap); off the device only each token's rows are sent",
+    )
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:
@@ -264,7 +280,13 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 # Modules that add subcommands: each has `register(subparsers)` and imports its heavy dependencies lazily.
-_COMMAND_MODULES: tuple[str, ...] = ("gemma4_jax.export.cli",)
+_COMMAND_MODULES: tuple[str, ...] = (
+    "gemma4_jax.export.cli",
+    "gemma4_jax.convert",
+    "gemma4_jax.memory",
+    "gemma4_jax.quant_cli",
+    "gemma4_jax.train.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="config and parameter counts", description="Print config and sizes.")
     src = info.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="HF checkpoint directory")
+    src.add_argument("--checkpoint", help="HF or orbax directory, kaggle:... or hf:...")
     src.add_argument("--variant", help="preset name")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
