@@ -1,0 +1,419 @@
+"""Quantized E2B: GGUF export cost, and batch-1 decode of our JAX model next to llama.cpp, same random weights.
+
+    python bench/quant.py                         # Gemma 4 E2B (35 layers), CPU, 64-token prompt, 16 new tokens
+    python bench/quant.py --layers 10             # E2B with 10 layers (PLE table and all widths unchanged)
+    python bench/quant.py --variant tiny_keqv --prompt-len 16 --new-tokens 8   # smoke run (a minute)
+
+One run prints one table. As in bench/decode.py the parent never holds weights; it runs one subprocess per
+step, so each row's peak RSS is that step's own:
+
+1. `vocab`: the real Gemma 4 vocabulary (262 144 tokens, merges, chat template) from the GGUF vocab file that
+   ships in the llama-cpp-python sdist, written as a `tokenizer.json` (random weights have no tokenizer).
+2. `create`: random bf16 weights (`init_params`) saved as an HF checkpoint (`save_hf_checkpoint`).
+3. `export` x3: `gemma4-jax export gguf --quant f16 | q8_0 | q4_0` of that checkpoint (time, peak RSS, size).
+4. `jax` x3: `load_hf_checkpoint` (bf16), then `quant.quantize_params(..., "int8" | "int4")` for the quantized
+   rows (packed weights dequantized inside the jitted matmuls); `Sampler.generate` once to compile, once timed.
+5. `llama` x3: llama-cpp-python on each GGUF file; a 2-token warm-up, then one timed greedy `generate`.
+
+Each worker prints one `BENCH_RESULT {json}` line on stdout; progress goes to stderr. Needs llama-cpp-python
+(scripts/test.sh installs it) and, for full E2B, ~16 GiB of free RAM and ~35 GiB of disk in the work directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import RESULT_PREFIX, OtherLoad, emit, limit_cpus, log, make_prompt
+
+GGUF_QUANTS = ("f16", "q8_0", "q4_0")
+JAX_FORMATS = ("bf16", "int8", "int4")
+SDIST = os.path.join(os.path.dirname(__file__), "..", ".cache", "sdist", "llama_cpp_python-0.3.36.tar.gz")
+VOCAB_MEMBER = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-gemma-4.gguf"
+
+
+def bench_config(args):
+    """The preset, optionally cut to `--layers` (a multiple of the 5-layer pattern for E2B)."""
+    from gemma4_jax import config
+
+    cfg = config.get_config(args.variant)
+    if not args.layers or args.layers == cfg.num_layers:
+        return cfg
+    period = 5 if cfg.name in ("e2b",) else 6
+    if args.layers % period:
+        raise SystemExit(f"--layers must be a multiple of {period} for {cfg.name}")
+    types = config.repeat_pattern(cfg.layer_types[:period], args.layers)
+    owners = cfg.num_layers - cfg.num_kv_shared_layers
+    # Keep the share of KV-owning layers, ending on a whole pattern (llama.cpp reads the last local + global owner).
+    first_shared = period * max(1, round(args.layers * owners / cfg.num_layers / period)) if owners else 0
+    shared = args.layers - first_shared if cfg.num_kv_shared_layers else 0
+    return cfg.replace(name=f"{cfg.name}_{args.layers}l", layer_types=types, num_kv_shared_layers=shared)
+
+
+# ----- workers ----------------------------------------------------------------------------------------------
+
+
+def worker_vocab(args) -> None:
+    """tokenizer.json (+ tokenizer_config.json, chat_template.jinja) from llama.cpp's Gemma 4 vocab file."""
+    import tarfile
+
+    import gguf
+
+    if os.path.exists(os.path.join(args.checkpoint, "tokenizer.json")):
+        log(f"reusing the tokenizer files in {args.checkpoint}")
+        emit({"reused": True})
+        return
+    sdist = args.sdist
+    if not os.path.isfile(sdist):
+        raise SystemExit(f"{sdist} is missing: run scripts/test.sh or pass --sdist")
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(sdist) as tar:
+            member = tar.getmember(VOCAB_MEMBER)
+            member.name = "vocab.gguf"
+            tar.extract(member, tmp, filter="data")
+        reader = gguf.GGUFReader(os.path.join(tmp, "vocab.gguf"))
+        fields = {k: f.contents() for k, f in reader.fields.items()}
+    tokens, types, merges = (fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "token_type", "merges"))
+    n_vocab = bench_config(args).vocab_size
+    if n_vocab < len(tokens):  # smoke runs on toy presets: the first ids (specials, bytes) and their merges
+        tokens, types = tokens[:n_vocab], types[:n_vocab]
+        known = set(tokens)
+        merges = [m for m in merges if m.replace(" ", "", 1) in known and all(p in known for p in m.split(" ", 1))]
+    normal = {int(gguf.TokenType.NORMAL), int(gguf.TokenType.BYTE)}
+    tokenizer = {
+        "version": "1.0",
+        "added_tokens": [
+            {"id": i, "content": t, "special": True, "normalized": False, "lstrip": False, "rstrip": False}
+            for i, (t, kind) in enumerate(zip(tokens, types, strict=True))
+            if kind not in normal
+        ],
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": None,
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "byte_fallback": True,
+            "unk_token": "<unk>",
+            "vocab": {t: i for i, t in enumerate(tokens)},
+            "merges": merges,
+        },
+    }
+    os.makedirs(args.checkpoint, exist_ok=True)
+    with open(os.path.join(args.checkpoint, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer, f, ensure_ascii=False)
+    special = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    with open(os.path.join(args.checkpoint, "tokenizer_config.json"), "w") as f:
+        json.dump(special | {"mask_token": "<mask>"}, f)
+    with open(os.path.join(args.checkpoint, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(fields["tokenizer.chat_template"])
+    emit({"tokens": len(tokens), "merges": len(merges)})
+
+
+def worker_create(args) -> None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    limit_cpus(args.threads)
+    import jax.numpy as jnp
+
+    from gemma4_jax import checkpoint, model
+    from gemma4_jax.config import Gemma4Config
+
+    cfg = bench_config(args)
+    n_params = model.count_params(model.param_shapes(cfg))
+    existing = os.path.join(args.checkpoint, "config.json")
+    if os.path.exists(existing) and Gemma4Config.load_json(existing).replace(name=cfg.name) == cfg:
+        log(f"reusing the {cfg.name} checkpoint in {args.checkpoint}")
+        emit({"seconds": 0.0, "params": n_params, "config": cfg.name, "reused": True})
+        return
+    log(f"creating random {cfg.name} weights: {n_params / 1e9:.2f} B parameters")
+    start = time.perf_counter()
+    params = model.init_params(cfg, 0, jnp.bfloat16)
+    checkpoint.save_hf_checkpoint(args.checkpoint, cfg, params)
+    emit({"seconds": time.perf_counter() - start, "params": n_params, "config": cfg.name})
+
+
+def worker_export(args) -> None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    limit_cpus(args.threads)
+    from gemma4_jax.export import gguf as gguf_export
+
+    out = os.path.join(args.workdir, f"model-{args.quant}.gguf")
+    log(f"export: GGUF {args.quant} -> {out}")
+    start = time.perf_counter()
+    namespace = argparse.Namespace(
+        checkpoint=args.checkpoint, variant=None, dtype=None, init_seed=0, tokenizer=None, quant=args.quant, output=out
+    )
+    gguf_export.run(namespace)
+    emit({"seconds": time.perf_counter() - start, "bytes": os.path.getsize(out), "path": out})
+
+
+def worker_jax(args) -> None:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    limit_cpus(args.threads)
+    import jax
+    import jax.numpy as jnp
+
+    from gemma4_jax import checkpoint, quant
+    from gemma4_jax.sampler import Sampler, SamplingConfig
+
+    log(f"JAX {args.format}: loading {args.checkpoint}")
+    cfg, params = checkpoint.load_hf_checkpoint(args.checkpoint, dtype=jnp.bfloat16)
+    jax.block_until_ready(params)
+    quantize_seconds = 0.0
+    if args.format != "bf16":
+        start = time.perf_counter()
+        params = quant.quantize_params(params, cfg, args.format)
+        jax.block_until_ready(params)
+        quantize_seconds = time.perf_counter() - start
+        log(f"JAX {args.format}: quantized in {quantize_seconds:.0f} s")
+    prompt = make_prompt(cfg.vocab_size, args.prompt_len)
+    sampler = Sampler(cfg, params, SamplingConfig(temperature=0.0), stop_tokens=(), cache_dtype=jnp.bfloat16)
+    warm = sampler.generate([prompt], args.new_tokens)
+    log(f"JAX {args.format}: compiled in {warm.compile_seconds:.0f} s; timed run")
+    other = OtherLoad()
+    with other.measure():
+        timed = sampler.generate([prompt], args.new_tokens)
+    emit(
+        {
+            "prepare_seconds": quantize_seconds,
+            "weight_bytes": quant.weight_bytes(params),
+            "prefill_seconds": timed.prefill_seconds,
+            "decode_seconds": timed.decode_seconds,
+            "decode_steps": timed.decode_steps,
+            "compile_seconds": warm.compile_seconds,
+            "other_load_cores": other.cores,
+            "tokens": timed.tokens[0],
+        }
+    )
+
+
+def worker_llama(args) -> None:
+    limit_cpus(args.threads)
+    import llama_cpp
+
+    path = os.path.join(args.workdir, f"model-{args.quant}.gguf")
+    log(f"llama.cpp {args.quant}: loading {path}")
+    llm = llama_cpp.Llama(
+        model_path=path,
+        n_ctx=args.prompt_len + args.new_tokens + 16,
+        n_batch=args.prompt_len,
+        n_ubatch=args.prompt_len,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+    )
+    prompt = make_prompt(llm.n_vocab(), args.prompt_len)
+
+    def generate(n):
+        llm.reset()
+        stamps, tokens = [time.perf_counter()], []
+        for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+            if len(tokens) == n:
+                break
+        return stamps, tokens
+
+    generate(2)  # warm-up: pages the weights in, sets up the graphs
+    log(f"llama.cpp {args.quant}: timed run")
+    other = OtherLoad()
+    with other.measure():
+        stamps, tokens = generate(args.new_tokens)
+    emit(
+        {
+            # The first token's wait is the prompt's prefill (+ one sampling step); every later token is one decode.
+            "prefill_seconds": stamps[1] - stamps[0],
+            "decode_seconds": stamps[-1] - stamps[1],
+            "decode_steps": len(tokens) - 1,
+            "other_load_cores": other.cores,
+            "tokens": tokens,
+        }
+    )
+
+
+WORKERS = {
+    "vocab": worker_vocab,
+    "create": worker_create,
+    "export": worker_export,
+    "jax": worker_jax,
+    "llama": worker_llama,
+}
+
+
+# ----- parent -----------------------------------------------------------------------------------------------
+
+
+def run_worker(kind: str, args, **extra) -> dict | None:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", kind]
+    options = {
+        "variant": args.variant,
+        "layers": args.layers,
+        "prompt-len": args.prompt_len,
+        "new-tokens": args.new_tokens,
+        "threads": args.threads,
+        "checkpoint": args.checkpoint,
+        "workdir": args.workdir,
+        "sdist": args.sdist,
+        **extra,
+    }
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
+    log(f"worker {kind} {extra or ''}")
+    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not results:
+        log(f"{kind} worker failed (exit status {proc.returncode})")
+        return None
+    return json.loads(results[-1][len(RESULT_PREFIX) :])
+
+
+def _rates(result, prompt_len):
+    if not result:
+        return "failed", "failed"
+    decode = result["decode_steps"] / result["decode_seconds"] if result["decode_steps"] else float("nan")
+    return f"{prompt_len / result['prefill_seconds']:.1f}", f"{decode:.2f}"
+
+
+def format_table(args, cfg_name, exports, jax_rows, llama_rows) -> str:
+    header = (
+        "runtime",
+        "weights",
+        "weight GiB",
+        "prepare s",
+        "prepare RSS GiB",
+        "prefill tok/s",
+        "decode tok/s",
+        "RSS GiB",
+    )
+    rows = []
+    for fmt in JAX_FORMATS:
+        r = jax_rows.get(fmt)
+        prefill, decode = _rates(r, args.prompt_len)
+        if r is None:
+            rows.append(("gemma4-jax", fmt, "-", "-", "-", prefill, decode, "failed"))
+            continue
+        prepare = f"{r['prepare_seconds']:.0f}" if fmt != "bf16" else "-"
+        gib = f"{r['weight_bytes'] / 2**30:.2f}"
+        rows.append(("gemma4-jax", fmt, gib, prepare, "-", prefill, decode, f"{r['peak_rss_gib']:.2f}"))
+    for q in GGUF_QUANTS:
+        e, r = exports.get(q), llama_rows.get(q)
+        prefill, decode = _rates(r, args.prompt_len)
+        size = f"{e['bytes'] / 2**30:.2f}" if e else "failed"
+        prep = f"{e['seconds']:.0f}" if e else "failed"
+        prep_rss = f"{e['peak_rss_gib']:.2f}" if e else "failed"
+        rss = f"{r['peak_rss_gib']:.2f}" if r else "failed"
+        rows.append(("llama.cpp", q, size, prep, prep_rss, prefill, decode, rss))
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    title = (
+        f"Gemma 4 {cfg_name}, random weights, batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new "
+        f"tokens (greedy), CPU, {args.threads} thread(s)"
+    )
+    return "\n".join([title, "", line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def run_benchmark(args) -> int:
+    wall = time.perf_counter()
+    created = args.workdir is None
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="gemma4-quant-bench-", dir="/tmp")
+    os.makedirs(args.workdir, exist_ok=True)
+    args.checkpoint = os.path.join(args.workdir, "checkpoint")
+    log(f"work directory: {args.workdir}")
+    exports, jax_rows, llama_rows = {}, {}, {}
+    try:
+        vocab = run_worker("vocab", args)
+        create = run_worker("create", args) if vocab else None
+        if create:
+            for q in GGUF_QUANTS:
+                exports[q] = run_worker("export", args, quant=q)
+            for fmt in JAX_FORMATS:
+                jax_rows[fmt] = run_worker("jax", args, format=fmt)
+            for q in GGUF_QUANTS:
+                if exports[q]:
+                    llama_rows[q] = run_worker("llama", args, quant=q)
+    finally:
+        if not args.keep and created:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    if not create:
+        return 1
+    print(format_table(args, create["config"], exports, jax_rows, llama_rows))
+    notes = [
+        "",
+        f"Weights: {create['params'] / 1e9:.2f} B parameters, created + saved (bf16) in {create['seconds']:.0f} s.",
+        "weight GiB: JAX: bytes of the parameter tree (packed codes + scales for quantized leaves); llama.cpp: file "
+        "size. prepare: GGUF export of the bf16 checkpoint (llama.cpp rows; peak RSS of the exporting process) or "
+        "quantize_params on the loaded bf16 tree (JAX rows).",
+        "JAX int8 / int4: quant.QuantPolicy defaults (norms, router in float; int4 keeps the PLE projections, token "
+        "embedding and PLE table at 8 bits). llama.cpp q4_0: Q4_0 matrices, Q8_0 embedding tables, f16 "
+        "per_layer_model_proj (see gemma4_jax/export/gguf.py).",
+        "prefill tok/s: prompt / time to the first token. decode tok/s: (N-1) tokens after the first / their time. "
+        "RSS: ru_maxrss of the worker (llama.cpp maps the file: touched pages count).",
+    ]
+    loads = {f"jax {k}": v.get("other_load_cores") for k, v in jax_rows.items() if v}
+    loads |= {f"llama {k}": v.get("other_load_cores") for k, v in llama_rows.items() if v}
+    busy = {k: v for k, v in loads.items() if v is not None and v > 0.25}
+    notes.append(
+        "Other processes during the timed calls: "
+        + (
+            ", ".join(f"{k} {v:.2f} cores" for k, v in busy.items()) + " -- rerun on a quiet machine."
+            if busy
+            else "quiet."
+        )
+    )
+    print("\n".join(notes))
+    q4 = exports.get("q4_0")
+    q4_text = (
+        f"q4_0 export {q4['seconds']:.0f} s at {q4['peak_rss_gib']:.2f} GiB peak RSS" if q4 else "q4_0 export failed"
+    )
+    print(f"\nsummary: {create['config']}: {q4_text}; wall time {time.perf_counter() - wall:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="e2b")
+    parser.add_argument("--layers", type=int, default=0, help="cut the variant to this many layers (0: all)")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--workdir", help="where checkpoint and GGUF files go (default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--sdist", default=SDIST, help="llama-cpp-python 0.3.36 sdist (holds the Gemma 4 vocab)")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--quant", choices=GGUF_QUANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--format", choices=JAX_FORMATS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt_len < 1 or args.new_tokens < 2:
+        parser.error("--prompt-len must be >= 1 and --new-tokens >= 2")
+    if args.worker:
+        WORKERS[args.worker](args)
+        return 0
+    return run_benchmark(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
