@@ -199,7 +199,7 @@ def hf_shapes(config) -> dict[str, tuple[int, ...]]:
     for entry in checkpoint.mapping(config):
         if entry.optional:
             continue
-        leaf = checkpoint._get(shapes, entry.path)
+        leaf = model.tree_get(shapes, entry.path)
         # to_hf only transposes/reshapes: run it on a zero-stride array to get the HF shapes for free.
         fake = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), leaf.shape, (0,) * len(leaf.shape))
         for name, array in zip(entry.hf_names, entry.to_hf(fake), strict=True):
@@ -255,12 +255,12 @@ class _ParamsRows:
         self._current: tuple[str, np.ndarray] | None = None  # the tensor being written, converted once
 
     def read_rows(self, hf_name: str, start: int, stop: int) -> np.ndarray:
-        from gemma4_jax import checkpoint, model
+        from gemma4_jax import model
 
         if self._current is None or self._current[0] != hf_name:
             self._current = None  # drop the previous tensor before converting the next
             entry, index = self._views[hf_name]
-            leaf = checkpoint._get(self._params, entry.path)
+            leaf = model.tree_get(self._params, entry.path)
             if not model.is_dense(leaf):  # a quantized (or host-side) weight object
                 leaf = leaf.materialize(np.float32)
             array = entry.to_hf(np.asarray(leaf))[index]

@@ -22,7 +22,7 @@ import numpy as np
 
 from gemma4_jax.config import Gemma4Config
 from gemma4_jax.errors import Gemma4Error
-from gemma4_jax.model import Params, param_shapes
+from gemma4_jax.model import Params, param_shapes, tree_get, tree_set
 
 _TEXT_PREFIXES = ("model.language_model.", "model.")
 # Parts of a multimodal checkpoint that are not the text decoder (their own loaders read them).
@@ -173,24 +173,12 @@ def _layer_entries(cfg: Gemma4Config, i: int) -> list[Entry]:
     return entries
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree, path, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def params_to_hf(config: Gemma4Config, params: Params, prefix: str = "model.") -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF name, array) for every tensor, one at a time (reader-layer K/V are not written)."""
     for entry in mapping(config):
         if entry.optional:
             continue
-        for name, array in zip(entry.hf_names, entry.to_hf(np.asarray(_get(params, entry.path))), strict=True):
+        for name, array in zip(entry.hf_names, entry.to_hf(np.asarray(tree_get(params, entry.path))), strict=True):
             yield prefix + name, np.ascontiguousarray(array)
 
 
@@ -204,7 +192,7 @@ def params_from_hf(
     """Builds the parameter tree from HF tensors. `read(name)` returns an array or None if absent."""
     params: Params = {}
     for path, value in hf_to_nested(config, read, dtype, source):
-        _set(params, path, jnp.asarray(value))
+        tree_set(params, path, jnp.asarray(value))
     return params
 
 
@@ -219,7 +207,7 @@ def hf_to_nested(
     missing = []
     last_dtype = target or np.dtype(np.float32)
     for entry in mapping(config):
-        expected = _get(shapes, entry.path).shape
+        expected = tree_get(shapes, entry.path).shape
         arrays = [read(name) for name in entry.hf_names]
         if any(a is None for a in arrays):
             if not entry.optional:

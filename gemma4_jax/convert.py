@@ -249,10 +249,11 @@ def write_hf(target: str, source: Source, progress=None) -> str:
 def write_orbax(target: str, source: Source, layout: str = "nested", progress=None) -> str:
     """The official tree as an orbax checkpoint (OCDBT, as published), plus config.json for our loader."""
     from gemma4_jax import sources
+    from gemma4_jax.model import tree_set
 
     tree: dict = {}
     for path, value in source.leaves():
-        sources._set(tree, path, value)
+        tree_set(tree, path, value)
         if progress:
             progress.advance(value.nbytes)
     sources.save_orbax(target, tree, layout, source.config)

@@ -574,18 +574,22 @@ def init_params(config: Gemma4Config, seed: int | Array = 0, dtype=jnp.bfloat16)
     np_dtype = np.dtype(jnp.dtype(dtype))
 
     def leaf(path, shape_dtype):
-        shape = shape_dtype.shape
-        std = init_std(tuple(k.key for k in path), shape)
-        if std is None:
-            return jnp.ones(shape, dtype)
-        value = np.empty(shape, np_dtype)
-        rows = max(1, (1 << 24) // max(1, math.prod(shape[1:])))
-        for start in range(0, shape[0], rows):
-            block = rng.standard_normal((min(rows, shape[0] - start), *shape[1:]), np.float32)
-            value[start : start + rows] = block * np.float32(std)
-        return jnp.asarray(value)
+        return jnp.asarray(random_leaf(rng, tuple(k.key for k in path), shape_dtype.shape, np_dtype))
 
     return jax.tree_util.tree_map_with_path(leaf, param_shapes(config, dtype))
+
+
+def random_leaf(rng: np.random.Generator, path: tuple[str, ...], shape: tuple[int, ...], np_dtype) -> np.ndarray:
+    """One leaf of `init_params` as numpy, drawn in blocks of rows (leaves must be drawn in tree order)."""
+    std = init_std(path, shape)
+    if std is None:
+        return np.ones(shape, np_dtype)
+    value = np.empty(shape, np_dtype)
+    rows = max(1, (1 << 24) // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], rows):
+        block = rng.standard_normal((min(rows, shape[0] - start), *shape[1:]), np.float32)
+        value[start : start + rows] = block * np.float32(std)
+    return value
 
 
 def param_shapes(config: Gemma4Config, dtype=jnp.bfloat16) -> Params:
@@ -593,6 +597,20 @@ def param_shapes(config: Gemma4Config, dtype=jnp.bfloat16) -> Params:
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     init = lambda k, t: Gemma4Transformer(config, dtype).init(k, t, t)["params"]  # noqa: E731
     return jax.eval_shape(init, jax.random.key(0), tokens)
+
+
+def tree_get(tree, path: tuple[str, ...]):
+    """The leaf (or subtree) at `path`, e.g. ("layer_0", "attn", "q_einsum", "w")."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def tree_set(tree: dict, path: tuple[str, ...], value) -> None:
+    """Sets the leaf at `path`, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
 
 
 def count_params(tree) -> int:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma4_jax.errors import Gemma4Error
+from gemma4_jax.model import tree_get, tree_set
 
 FORMATS = ("sfp8", "int8", "int4", "q8_0", "q4_0")
 FLOAT = "float"
@@ -753,7 +754,7 @@ def _hf_source(path: str) -> tuple[Any, list[tuple[str, tuple, Callable]]]:
         missing = [n for n in names if n not in available]
         if missing:
             raise Gemma4Error(f"{path}: missing tensors {', '.join(missing[:3])}")
-        shape = tuple(_get(shapes, entry.path).shape)
+        shape = tuple(tree_get(shapes, entry.path).shape)
 
         def read(entry=entry, names=names, shape=shape):
             try:
@@ -768,25 +769,13 @@ def _hf_source(path: str) -> tuple[Any, list[tuple[str, tuple, Callable]]]:
     return config, sources
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree, path, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def _random_source(config, seed: int, dtype) -> list[tuple[str, tuple, Callable]]:
     """Random weights leaf by leaf: the same draws as `model.init_params(config, seed, dtype)`, but only one
     leaf exists at a time (a full-size model quantizes without ever holding all of its float weights)."""
     import jax
     import jax.numpy as jnp
 
-    from gemma4_jax.model import init_std, param_shapes
+    from gemma4_jax.model import param_shapes, random_leaf
 
     rng = np.random.default_rng(seed)
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -797,15 +786,7 @@ def _random_source(config, seed: int, dtype) -> list[tuple[str, tuple, Callable]
         shape = tuple(leaf.shape)
 
         def read(keys=keys, shape=shape):
-            std = init_std(keys, shape)
-            if std is None:
-                return np.ones(shape, np_dtype)
-            value = np.empty(shape, np_dtype)
-            rows = max(1, (1 << 24) // max(1, math.prod(shape[1:])))
-            for start in range(0, shape[0], rows):
-                block = rng.standard_normal((min(rows, shape[0] - start), *shape[1:]), np.float32)
-                value[start : start + rows] = block * np.float32(std)
-            return value
+            return random_leaf(rng, keys, shape, np_dtype)
 
         sources.append(("/".join(keys), shape, read))
     return sources
@@ -971,7 +952,7 @@ def load_quantized(path: str, dtype=None):
             leaf = QuantizedWeight(
                 jnp.asarray(codes), jnp.asarray(scales), spec.format, spec.block, shape, perm, ncontract, dtype
             )
-        _set(params, tuple(p.split("/")), leaf)
+        tree_set(params, tuple(p.split("/")), leaf)
     return config, params
 
 

@@ -369,6 +369,8 @@ class OrbaxCheckpoint:
         """The NESTED parameter tree as JAX arrays of `dtype`, one tensor at a time."""
         import jax
 
+        from gemma4_jax.model import tree_set
+
         expected, _ = expected_shapes(config)
         target = np.dtype(dtype)
         params: dict = {}
@@ -379,7 +381,7 @@ class OrbaxCheckpoint:
                 value = aligned_empty(shape, target)
                 value[...] = 0
             # On the CPU backend the aligned buffer becomes the array's memory; elsewhere it is copied over.
-            _set(params, path, jax.device_put(value, may_alias=True))
+            tree_set(params, path, jax.device_put(value, may_alias=True))
             del value
             if progress:
                 progress.advance(math.prod(shape) * target.itemsize)
@@ -392,12 +394,6 @@ def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
     buffer = np.empty(nbytes + alignment, np.uint8)
     start = -buffer.ctypes.data % alignment
     return buffer[start : start + nbytes].view(dtype).reshape(shape)
-
-
-def _set(tree: dict, path: Path, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 # ----- matching tensors to a config --------------------------------------------------------------------

@@ -43,7 +43,7 @@ def _random_tree(cfg, seed=0, dtype=BF16, scale_dtype=None):
             value = (0.5 + rng.random(shape)).astype(scale_dtype or dtype)
         else:
             value = (rng.standard_normal(shape) * model.init_std(path, shape)).astype(dtype)
-        sources._set(tree, path, value)
+        model.tree_set(tree, path, value)
     return tree
 
 

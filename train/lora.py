@@ -34,6 +34,7 @@ import numpy as np
 from gemma4_jax import model
 from gemma4_jax.config import Gemma4Config
 from gemma4_jax.errors import Gemma4Error
+from gemma4_jax.model import tree_get, tree_set
 
 # PEFT's names for the Gemma 4 text modules (`target_modules` in its adapter_config.json).
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -267,18 +268,6 @@ def select_targets(config: Gemma4Config, lora: LoraConfig) -> list[Target]:
 # ----- adapter trees ------------------------------------------------------------------------------------------
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree, path, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 @functools.lru_cache(maxsize=16)
 def _param_shapes(config: Gemma4Config) -> dict:
     return model.param_shapes(config)
@@ -289,8 +278,8 @@ def adapter_shapes(config: Gemma4Config, lora: LoraConfig) -> dict:
     shapes = _param_shapes(config)
     tree: dict = {}
     for target in select_targets(config, lora):
-        a, b = _factor_shapes(tuple(_get(shapes, target.path).shape), target.roles, lora.rank)
-        _set(tree, target.path, {"a": a, "b": b})
+        a, b = _factor_shapes(tuple(tree_get(shapes, target.path).shape), target.roles, lora.rank)
+        tree_set(tree, target.path, {"a": a, "b": b})
     return tree
 
 
@@ -300,16 +289,16 @@ def init_adapters(config: Gemma4Config, lora: LoraConfig, seed: int = 0) -> dict
     tree: dict = {}
     shapes = adapter_shapes(config, lora)
     for target in select_targets(config, lora):
-        a_shape, b_shape = _get(shapes, target.path).values()
+        a_shape, b_shape = tree_get(shapes, target.path).values()
         fan_in = math.prod(n for n, r in zip(_base_shape(config, target), target.roles, strict=True) if r == "i")
         bound = 1 / math.sqrt(fan_in)
         a = rng.uniform(-bound, bound, a_shape).astype(np.float32)
-        _set(tree, target.path, {"a": jnp.asarray(a), "b": jnp.zeros(b_shape, jnp.float32)})
+        tree_set(tree, target.path, {"a": jnp.asarray(a), "b": jnp.zeros(b_shape, jnp.float32)})
     return tree
 
 
 def _base_shape(config, target):
-    return tuple(_get(_param_shapes(config), target.path).shape)
+    return tuple(tree_get(_param_shapes(config), target.path).shape)
 
 
 def targets_of(config: Gemma4Config, adapters: dict) -> list[Target]:
@@ -317,7 +306,7 @@ def targets_of(config: Gemma4Config, adapters: dict) -> list[Target]:
     out = []
     for target in candidate_targets(config):
         try:
-            _get(adapters, target.path)
+            tree_get(adapters, target.path)
         except (KeyError, TypeError):
             continue
         out.append(target)
@@ -328,12 +317,12 @@ def attach(params: dict, adapters: dict, config: Gemma4Config, lora: LoraConfig,
     """The parameter tree with each adapted leaf replaced by a `LoraWeight` (nothing is copied)."""
     out = _shallow_copy(params)
     for n, target in enumerate(targets_of(config, adapters)):
-        factors = _get(adapters, target.path)
+        factors = tree_get(adapters, target.path)
         key = None if dropout_key is None or lora.dropout == 0 else jax.random.fold_in(dropout_key, n)
         weight = LoraWeight(
-            _get(params, target.path), factors["a"], factors["b"], key, target.roles, lora.scale, lora.dropout
+            tree_get(params, target.path), factors["a"], factors["b"], key, target.roles, lora.scale, lora.dropout
         )
-        _set(out, target.path, weight)
+        tree_set(out, target.path, weight)
     return out
 
 
@@ -347,8 +336,8 @@ def merge(params: dict, adapters: dict, config: Gemma4Config, lora: LoraConfig, 
     attached = attach(params, adapters, config, lora)
     out = _shallow_copy(params)
     for target in targets_of(config, adapters):
-        weight = _get(attached, target.path)
-        _set(out, target.path, weight.materialize(dtype or weight.dtype))
+        weight = tree_get(attached, target.path)
+        tree_set(out, target.path, weight.materialize(dtype or weight.dtype))
     return out
 
 
@@ -389,7 +378,7 @@ def to_peft(config: Gemma4Config, adapters: dict, prefix: str = "model.") -> dic
     Gemma4ForCausalLM, `model.language_model.` for the multimodal checkpoints)."""
     out = {}
     for target in targets_of(config, adapters):
-        a, b = (np.asarray(x, np.float32) for x in _get(adapters, target.path).values())
+        a, b = (np.asarray(x, np.float32) for x in tree_get(adapters, target.path).values())
         rank = a.shape[-1]
         grouped = "g" in target.roles
         for g, module in enumerate(target.modules):
@@ -412,7 +401,7 @@ def from_peft(config: Gemma4Config, tensors: dict[str, np.ndarray], lora: LoraCo
     tree: dict = {}
     used = set()
     for target in select_targets(config, lora):
-        base_shape = tuple(_get(shapes, target.path).shape)
+        base_shape = tuple(tree_get(shapes, target.path).shape)
         a_shape, b_shape = _factor_shapes(base_shape, target.roles, lora.rank)
         grouped = "g" in target.roles
         a_parts, b_parts = [], []
@@ -430,7 +419,7 @@ def from_peft(config: Gemma4Config, tensors: dict[str, np.ndarray], lora: LoraCo
             b_parts.append(b_part)
         a = np.stack(a_parts) if grouped else a_parts[0]
         b = np.stack(b_parts) if grouped else b_parts[0]
-        _set(tree, target.path, {"a": jnp.asarray(a), "b": jnp.asarray(b)})
+        tree_set(tree, target.path, {"a": jnp.asarray(a), "b": jnp.asarray(b)})
     unused = sorted(set(by_module) - used)
     if unused:
         raise Gemma4Error(f"{source}: tensors that match no target of {config.name}: {', '.join(unused[:3])}")
