@@ -639,15 +639,6 @@ def dequantize_params(params, dtype=None):
 # DIR/model.safetensors    "<path>.codes" + "<path>.scales" per quantized tensor, "<path>" per float tensor
 # plus the tokenizer files of the source checkpoint, if any.
 
-_TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 _ST_DTYPES = {
     np.dtype(np.uint8): "U8",
     np.dtype(np.int8): "I8",
@@ -879,9 +870,10 @@ def write_quantized(
             f.write(_marker_json(marker))
         config.save_json(os.path.join(tmp, "config.json"))
         if copy_from:
-            for name in _TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(copy_from, name)):
-                    shutil.copy2(os.path.join(copy_from, name), os.path.join(tmp, name))
+            from gemma4_jax.sources import tokenizer_files
+
+            for path in tokenizer_files(copy_from, copy_from):
+                shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
         if os.path.isdir(out):
             os.rmdir(out)  # checked empty above
         os.rename(tmp, out)

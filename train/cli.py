@@ -9,15 +9,6 @@ import time
 
 # = lora.DEFAULT_TARGETS (repeated so that building the parser does not import jax)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 def register(subparsers) -> None:
@@ -206,9 +197,10 @@ def cmd_merge(args) -> int:
         checkpoint.save_hf_checkpoint(tmp, cfg, merged)
         source_dir = getattr(args, "checkpoint_dir", None) or args.checkpoint
         if source_dir and os.path.isdir(source_dir):
-            for name in _TOKENIZER_FILES:
-                if os.path.exists(os.path.join(source_dir, name)):
-                    shutil.copy2(os.path.join(source_dir, name), os.path.join(tmp, name))
+            from gemma4_jax.sources import tokenizer_files
+
+            for path in tokenizer_files(source_dir, source_dir):
+                shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
         if os.path.isdir(out):
             os.rmdir(out)
         os.rename(tmp, out)
