@@ -214,29 +214,20 @@ class _CheckpointRows:
         from gemma4_jax import checkpoint
 
         self.files = checkpoint.SafetensorsDir(path)
-        names = self.files.names()
-        self.prefix = checkpoint._text_prefix(names)
-        self._dtypes = checkpoint._SAFETENSORS_DTYPES
+        self.prefix = self.files.text_prefix()
 
     def shape(self, hf_name: str) -> tuple[int, ...] | None:
-        where = self.files._where.get(self.prefix + hf_name)
-        return None if where is None else tuple(where[1]["shape"])
+        return self.files.shape(self.prefix + hf_name)
 
     def read_rows(self, hf_name: str, start: int, stop: int) -> np.ndarray:
+        import ml_dtypes
+
         from gemma4_jax.errors import Gemma4Error
 
-        file, entry, data_start = self.files._where[self.prefix + hf_name]
-        dtype = self._dtypes.get(entry["dtype"])
-        if entry["dtype"] not in ("F32", "F16", "BF16", "F64"):
-            raise Gemma4Error(f"{file}: tensor {hf_name} has dtype {entry['dtype']}, expected a float type")
-        shape = tuple(entry["shape"])
-        row = math.prod(shape[1:])
-        with open(file, "rb") as f:
-            f.seek(data_start + entry["data_offsets"][0] + start * row * dtype.itemsize)
-            block = np.fromfile(f, dtype, (stop - start) * row)
-        if block.size != (stop - start) * row:
-            raise Gemma4Error(f"{file}: truncated while reading {hf_name}")
-        return block.reshape(stop - start, *shape[1:])
+        dtype = self.files.dtype(self.prefix + hf_name)
+        if dtype not in (np.float32, np.float16, np.float64, ml_dtypes.bfloat16):
+            raise Gemma4Error(f"tensor {hf_name} has dtype {dtype}, expected a float type")
+        return self.files.read_rows(self.prefix + hf_name, start, stop)
 
 
 class _ParamsRows:

@@ -281,6 +281,10 @@ class SafetensorsDir:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def text_prefix(self) -> str:
+        """Where the text model's tensors are: `model.` (Gemma4ForCausalLM) or `model.language_model.`."""
+        return text_prefix(self.names())
+
     def dtype(self, name: str) -> np.dtype | None:
         """The stored dtype of tensor `name` (None if absent), from the header alone."""
         if name not in self._where:
@@ -290,24 +294,49 @@ class SafetensorsDir:
             raise Gemma4Error(f"{self._where[name][0]}: tensor {name} has unsupported dtype {code!r}")
         return _SAFETENSORS_DTYPES[code]
 
-    def read(self, name: str) -> np.ndarray | None:
-        if name not in self._where:
-            return None
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of tensor `name` (None if absent), from the header alone."""
+        return tuple(self._where[name][1]["shape"]) if name in self._where else None
+
+    def _locate(self, name: str) -> tuple[str, np.dtype, tuple[int, ...], int]:
+        """(file, dtype, shape, absolute offset of the data) of a present tensor, its byte size checked."""
         file, entry, data_start = self._where[name]
+        dtype = self.dtype(name)
         try:
-            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
             start, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
-            if end - start != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"{end - start} bytes for shape {shape} of {entry['dtype']}")
-            with open(file, "rb") as f:
-                f.seek(data_start + start)
-                return np.fromfile(f, dtype, math.prod(shape)).reshape(shape)
+            shape = tuple(int(n) for n in entry["shape"])
         except (KeyError, ValueError, TypeError) as e:
             raise Gemma4Error(f"{file}: cannot read tensor {name} ({e})") from None
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise Gemma4Error(f"{file}: cannot read tensor {name} ({end - start} bytes for shape {shape} of {dtype})")
+        return file, dtype, shape, data_start + start
+
+    def read(self, name: str) -> np.ndarray | None:
+        """Tensor `name` (None if absent)."""
+        if name not in self._where:
+            return None
+        shape = self.shape(name)
+        return self.read_rows(name, 0, shape[0] if shape else 1).reshape(shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a present tensor (along its first axis), without reading the rest."""
+        file, dtype, shape, offset = self._locate(name)
+        row = math.prod(shape[1:])
+        with open(file, "rb") as f:
+            f.seek(offset + start * row * dtype.itemsize)
+            block = np.fromfile(f, dtype, (stop - start) * row)
+        if block.size != (stop - start) * row:
+            raise Gemma4Error(f"{file}: truncated while reading {name}")
+        return block.reshape(stop - start, *shape[1:])
+
+    def memmap(self, name: str) -> np.memmap:
+        """A read-only memory map of a present tensor, in place in its file (safetensors stores each tensor as a
+        plain little-endian C-order array)."""
+        file, dtype, shape, offset = self._locate(name)
+        return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
-def _text_prefix(names: list[str]) -> str:
+def text_prefix(names: list[str]) -> str:
     for prefix in _TEXT_PREFIXES:
         if any(n.startswith(prefix + "embed_tokens.weight") for n in names):
             return prefix
@@ -329,7 +358,7 @@ def open_hf_checkpoint(
         config = Gemma4Config.load_json(config_path, name=os.path.basename(os.path.normpath(path)))
     files = SafetensorsDir(path)
     names = files.names()
-    prefix = _text_prefix(names)
+    prefix = text_prefix(names)
     known = {prefix + n for entry in mapping(config) for n in entry.hf_names}
     # Reader layers' K/V, which the official converter writes, are in the mapping (as optional) and load.
     unexpected = [n for n in names if n not in known and not n.startswith(_OTHER_PARTS)]

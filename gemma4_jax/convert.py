@@ -156,7 +156,7 @@ def _hf_dtypes(path: str, config) -> tuple[dict[tuple[str, ...], np.dtype], set[
     from gemma4_jax import checkpoint
 
     files = checkpoint.SafetensorsDir(path)
-    prefix = checkpoint._text_prefix(files.names())
+    prefix = files.text_prefix()
     dtypes, stored, missing = {}, set(), []
     last = np.dtype(np.float32)
     for entry in checkpoint.mapping(config):

@@ -69,19 +69,11 @@ class HostPLE:
         from gemma4_jax import checkpoint
 
         files = checkpoint.SafetensorsDir(checkpoint_dir)
-        name = checkpoint._text_prefix(files.names()) + HF_TABLE_NAME
+        name = files.text_prefix() + HF_TABLE_NAME
         if name not in files.names():
             raise Gemma4Error(f"{checkpoint_dir}: no PLE table ({name}) in the safetensors files")
-        dtype = files.dtype(name)
-        # SafetensorsDir has validated the header (data inside the file, not truncated) and keeps where each
-        # tensor's data starts; it has no public accessor for the offset yet.
-        file, entry, data_start = files._where[name]
-        start, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        if end - start != int(np.prod(shape)) * dtype.itemsize:
-            raise Gemma4Error(f"{file}: PLE table has {end - start} bytes, shape {shape} needs more")
-        table = np.memmap(file, dtype=dtype, mode="r", offset=data_start + start, shape=shape)
-        return cls(table, config, source=f"{file} (memory-mapped)")
+        table = files.memmap(name)
+        return cls(table, config, source=f"{table.filename} (memory-mapped)")
 
     # ----- the host side ------------------------------------------------------------------------------
 

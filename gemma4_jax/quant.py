@@ -735,7 +735,7 @@ def _hf_source(path: str) -> tuple[Any, list[tuple[str, tuple, Callable]]]:
     config = Gemma4Config.load_json(os.path.join(path, "config.json"), name=os.path.basename(os.path.normpath(path)))
     files = checkpoint.SafetensorsDir(path)
     available = set(files.names())
-    prefix = checkpoint._text_prefix(list(available))
+    prefix = files.text_prefix()
     shapes = param_shapes(config)
     sources = []
     for entry in checkpoint.mapping(config):

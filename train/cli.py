@@ -83,10 +83,9 @@ def _text_prefix(checkpoint_dir: str | None) -> str:
     if not checkpoint_dir or not os.path.isdir(checkpoint_dir):
         return "model."
     try:
-        names = SafetensorsDir(checkpoint_dir).names()
+        return SafetensorsDir(checkpoint_dir).text_prefix()
     except Gemma4Error:  # not an HF directory (orbax, quantized): Gemma4ForCausalLM names
         return "model."
-    return "model.language_model." if any(n.startswith("model.language_model.") for n in names) else "model."
 
 
 def _require_training_packages() -> None:
