@@ -76,3 +76,32 @@ def gguf_metadata(data: bytes) -> dict:
         key = string()
         out[key] = value(take("<I"))
     return out
+
+
+@functools.cache
+def llama_cpp_gelu_table():
+    """llama.cpp's own CPU GELU table (`ggml_table_gelu_f16`, indexed by the bits of an f16 input, filled by
+    `ggml_cpu_init` with f16(gelu_tanh_f32(x))), read out of the built `libggml-cpu` as float32 [65536]."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so"))
+    lib.ggml_cpu_init()
+    raw = np.ctypeslib.as_array((ctypes.c_uint16 * 65536).in_dll(lib, "ggml_table_gelu_f16"))
+    return raw.copy().view(np.float16).astype(np.float32)
+
+
+def llama_cpp_gelu(x, approximate: bool = True):
+    """GELU as llama.cpp's CPU backend computes it in f32 models (GGML_GELU_FP16, ggml-cpu/vec.h
+    `ggml_vec_gelu_f32` / `ggml_vec_geglu_f32`): 0 for x <= -10, x for x >= 10, otherwise the table entry of
+    f16(x). A drop-in for `jax.nn.gelu(x, approximate=True)` (the only GELU Gemma 4 uses)."""
+    import jax
+    import jax.numpy as jnp
+
+    assert approximate, "Gemma 4 uses the tanh approximation"
+    xf = x.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(xf.astype(jnp.float16), jnp.uint16).astype(jnp.int32)
+    y = jnp.asarray(llama_cpp_gelu_table())[bits]
+    return jnp.where(xf <= -10.0, 0.0, jnp.where(xf >= 10.0, xf, y)).astype(x.dtype)
