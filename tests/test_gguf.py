@@ -3,7 +3,7 @@
 For each tiny model -- (a) `tiny` (PLE, KV sharing, double-wide MLP on the shared layers, sliding window 4 < the
 sequence), (b) `tiny_keqv` (K=V global layers), (c) `tiny_moe` -- trained to be decisive as a real model is: from
 the seed's random f32 init, all parameters are trained (Adam, a few seconds) until the greedy continuation of the
-16-token PROMPT is the 8-token TARGET with a top-1/top-2 logit margin >= TRAINED_MARGIN on every step:
+16-token PROMPT is the 8-token TARGET with a top-1/top-2 logit margin >= decisive.MARGIN on every step:
 - f32 file: llama.cpp's logits on PROMPT equal `model.apply` on the original params to F32_TOL, and to
   F32_TOL_SAME_GELU (1e-3) when our forward uses llama.cpp's f16 GELU table (see F32_TOL).
 - f16 / bf16 / q8_0 / q4_0 files: llama.cpp's logits equal `model.apply` on the weights read back from the file
@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 
+import decisive
 import gguf
 import jax
 import jax.numpy as jnp
@@ -79,11 +80,6 @@ SEEDS = {"tiny": 0, "tiny_keqv": 1, "tiny_moe": 2}
 PROMPT = [2, *np.random.default_rng(7).integers(107, 512, size=15).tolist()]
 # The continuation the test models are trained to produce after PROMPT (ordinary vocabulary ids).
 TARGET = np.random.default_rng(8).integers(107, 512, size=NEW_TOKENS).tolist()
-# Training stops once every step's top-1/top-2 logit margin is at least this: well above llama.cpp's activation
-# rounding (QUANT_TOL) and clear of q4_0's own effect on the logits, as a real model's next tokens are.
-TRAINED_MARGIN = 6.0
-TRAIN_LR = 3e-3
-TRAIN_MAX_STEPS = 300
 
 _apply = jax.jit(model.apply, static_argnames=("config",))
 
@@ -101,68 +97,12 @@ def tokenizer_dir(tmp_path_factory) -> str:
     return path
 
 
-def _random_params(name: str):
-    """The seed's random init, conditioned like a trained model's (see the comments)."""
-    cfg = CASES[name]
-    params = model.init_params(cfg, SEEDS[name], jnp.float32)
-    # Attention has scale 1.0 on RMS-normed q and k: with the random init's unit norm scales it is saturated
-    # and chaotic, and amplifies any rounding ~100x into the logits. Scales of 0.3 keep it in a trained
-    # model's regime, so the comparisons below measure the weights, not the chaos.
-    for i in range(cfg.num_layers):
-        attn = params[f"layer_{i}"]["attn"]
-        for norm in ("query_norm", "key_norm"):
-            attn[norm]["scale"] = attn[norm]["scale"] * 0.3
-    if cfg.num_experts:
-        # Random routers give near-tied top-k choices that flip under llama.cpp's activation rounding; a
-        # sharper router keeps the expert choice stable, so logits compare continuously.
-        for i in range(cfg.num_layers):
-            router = params[f"layer_{i}"]["mlp"]["router_logits"]
-            router["w"] = router["w"] * 32.0
-    return params
-
-
 @functools.cache
 def decisive_params(name: str):
-    """The random init trained (all parameters, Adam, next-token cross-entropy on TARGET after PROMPT) until the
-    greedy continuation of PROMPT is TARGET with a top-1/top-2 margin >= TRAINED_MARGIN on every step.
-
-    A random model's next tokens are near-ties, smaller than llama.cpp's activation rounding at 8 bits and
-    below; a trained model's are decisive. This gives the tiny models that property, so greedy continuations
-    can be required identical at every quantization. Cached: the merged-LoRA test reuses the trained base.
-    """
-    import optax
-
-    cfg = CASES[name]
-    tokens = np.asarray([PROMPT + TARGET])
-    inputs, targets = tokens[:, :-1], tokens[0, len(PROMPT) :]  # [1, T-1], [NEW_TOKENS]
-    first = len(PROMPT) - 1  # the position whose logits choose TARGET[0]
-    optimizer = optax.adam(TRAIN_LR)
-
-    def loss_and_logits(params):
-        # train.loop.token_losses gives the same loss but not the logits, which decide when to stop.
-        logits = model.apply(params, inputs, config=cfg)[0][0, first:]  # [NEW_TOKENS, V]
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, targets[:, None], axis=-1)), logits
-
-    def step(params, opt_state):
-        (_, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, logits
-
-    start = time.perf_counter()
-    params = _random_params(name)
-    opt_state = optimizer.init(params)
-    # With XLA's CPU backend optimizations this gradient compiles ~3x slower (measured for `tiny`: 22 s vs 7 s)
-    # and runs no faster at this size; compiling dominates the ~20-50 steps.
-    step = jax.jit(step).lower(params, opt_state).compile(compiler_options={"xla_backend_optimization_level": 0})
-    for steps in range(TRAIN_MAX_STEPS):
-        trained, opt_state, logits = step(params, opt_state)
-        logits = np.asarray(logits)
-        if (logits.argmax(-1) == targets).all() and top_margins(logits).min() >= TRAINED_MARGIN:
-            print(f"{name}: decisive after {steps} training steps, {time.perf_counter() - start:.1f} s")
-            return params  # the params these logits were computed with
-        params = trained
-    raise AssertionError(f"{name}: not decisive after {TRAIN_MAX_STEPS} steps: margins {top_margins(logits)}")
+    """The case's conditioned random init trained until its greedy continuation of PROMPT is TARGET with a
+    top-1/top-2 margin >= decisive.MARGIN on every step (tests/decisive.py). Cached: the merged-LoRA test
+    reuses the trained base."""
+    return decisive.train_decisive(CASES[name], decisive.conditioned_init(CASES[name], SEEDS[name]), PROMPT, TARGET)
 
 
 class Case:
@@ -231,11 +171,6 @@ def jax_run(cfg, params, tokens: list[int], new_tokens: int) -> tuple[np.ndarray
     return logits, greedy, full
 
 
-def top_margins(logits: np.ndarray) -> np.ndarray:
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
-
-
 def dequantized_params(path: str, cfg):
     """The parameter tree of the weights as stored in the GGUF file, dequantized by gguf-py."""
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
@@ -254,7 +189,7 @@ def _check_greedy(ours: list[int], theirs: list[int], full_logits: np.ndarray, e
     """Greedy tokens agree on all NEW_TOKENS steps, and every step's top-1/top-2 margin (ours, along our
     continuation) exceeds twice the measured logit difference: the agreement is decided by the model, not by
     which way llama.cpp's rounding tips a near-tie. full_logits: [len(PROMPT) + NEW_TOKENS, V]."""
-    margin = top_margins(full_logits[len(PROMPT) - 1 : len(PROMPT) - 1 + NEW_TOKENS]).min()
+    margin = decisive.top_margins(full_logits[len(PROMPT) - 1 : len(PROMPT) - 1 + NEW_TOKENS]).min()
     print(f"{what}: greedy {NEW_TOKENS} steps, min top-1/top-2 margin {margin:.2f}, max |logit diff| {err:.2e}")
     assert margin > 2 * err, f"{what}: a near-tie (margin {margin:.2f}) makes the greedy comparison meaningless"
     assert ours == theirs, f"{what}: greedy continuations differ: {ours} vs {theirs}"

@@ -1,0 +1,83 @@
+"""Tiny test models made decisive, as real models are: trained until their greedy continuation of a prompt is a
+given target with a wide top-1/top-2 logit margin on every step.
+
+A random model's next tokens are near-ties, smaller than the activation rounding of quantized runtimes
+(llama.cpp's Q8_0 blocks, LiteRT's dynamic-range int8 inputs); a trained model's are not. With these models the
+exporters' tests can require greedy continuations identical at every quantization, and assert that the margins
+(not luck) make that meaningful.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma4_jax import model
+
+MARGIN = 6.0  # logits; the runtimes' rounding moves the tiny models' logits by <= ~0.4
+LEARNING_RATE = 3e-3
+MAX_STEPS = 300
+
+
+def top_margins(logits: np.ndarray) -> np.ndarray:
+    """[..., V] -> [...]: top-1 minus top-2 logit."""
+    top2 = np.sort(logits, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+def conditioned_init(cfg, seed: int):
+    """The seed's random f32 init, conditioned like a trained model's (see the comments)."""
+    params = model.init_params(cfg, seed, jnp.float32)
+    # Attention has scale 1.0 on RMS-normed q and k: with the random init's unit norm scales it is saturated
+    # and chaotic, and amplifies any rounding ~100x into the logits. Scales of 0.3 keep it in a trained
+    # model's regime, so the comparisons measure the weights, not the chaos.
+    for i in range(cfg.num_layers):
+        attn = params[f"layer_{i}"]["attn"]
+        for norm in ("query_norm", "key_norm"):
+            attn[norm]["scale"] = attn[norm]["scale"] * 0.3
+    if cfg.num_experts:
+        # Random routers give near-tied top-k choices that flip under a runtime's activation rounding; a
+        # sharper router keeps the expert choice stable, so logits compare continuously.
+        for i in range(cfg.num_layers):
+            router = params[f"layer_{i}"]["mlp"]["router_logits"]
+            router["w"] = router["w"] * 32.0
+    return params
+
+
+def train_decisive(cfg, params, prompt: list[int], target: list[int], margin: float = MARGIN):
+    """`params` trained (all parameters, Adam, next-token cross-entropy on `target` after `prompt`) until the
+    greedy continuation of `prompt` is `target` with a top-1/top-2 margin >= `margin` on every step."""
+    import optax
+
+    tokens = np.asarray([prompt + target])
+    inputs, targets = tokens[:, :-1], tokens[0, len(prompt) :]  # [1, T-1], [len(target)]
+    first = len(prompt) - 1  # the position whose logits choose target[0]
+    optimizer = optax.adam(LEARNING_RATE)
+
+    def loss_and_logits(params):
+        # train.loop.token_losses gives the same loss but not the logits, which decide when to stop.
+        logits = model.apply(params, inputs, config=cfg)[0][0, first:]  # [len(target), V]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, targets[:, None], axis=-1)), logits
+
+    def step(params, opt_state):
+        (_, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, logits
+
+    start = time.perf_counter()
+    opt_state = optimizer.init(params)
+    # With XLA's CPU backend optimizations this gradient compiles ~3x slower (measured for `tiny`: 22 s vs 7 s)
+    # and runs no faster at this size; compiling dominates the ~20-50 steps.
+    step = jax.jit(step).lower(params, opt_state).compile(compiler_options={"xla_backend_optimization_level": 0})
+    for steps in range(MAX_STEPS):
+        trained, opt_state, logits = step(params, opt_state)
+        logits = np.asarray(logits)
+        if (logits.argmax(-1) == targets).all() and top_margins(logits).min() >= margin:
+            print(f"{cfg.name}: decisive after {steps} training steps, {time.perf_counter() - start:.1f} s")
+            return params  # the params these logits were computed with
+        params = trained
+    raise AssertionError(f"{cfg.name}: not decisive after {MAX_STEPS} steps: margins {top_margins(logits)}")
