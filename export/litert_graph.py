@@ -20,6 +20,8 @@ TFLite converter (litert-converter 0.5) fails or, worse, converts silently wrong
 - Compute is float32 (the converter rejects bf16 matmuls); the logits pass an `optimization_barrier` before
   the soft-cap so the converter cannot fold `/30` into the tied embedding table (which would duplicate it).
 - No loops: layers are unrolled at trace time (the Python loop), as in the model.
+- Weights may be tracers (the export passes them as signature inputs, see `named_tensors`) or `Quantized`
+  (int values + scales, dequantized where used: matrices before the matmul, tables after the gather).
 """
 
 from __future__ import annotations
@@ -37,30 +39,61 @@ from gemma4_jax.config import GLOBAL, Gemma4Config
 
 
 def _np(w, dtype=np.float32) -> np.ndarray:
+    """A weight as numpy `dtype`; 16-bit weights stored in `dtype` are not widened on the way (no f32 copy)."""
+    if model.is_dense(w) and jnp.dtype(w.dtype) == jnp.dtype(dtype):
+        return np.asarray(w)
     return np.asarray(model.dense(w, jnp.float32)).astype(dtype)
 
 
+@dataclass(frozen=True)
+class Quantized:
+    """Symmetric integer weights: `values` int8 (int4 values unpacked, one per byte) times `scale`.
+
+    Matrices [out, in] have one scale per output row (`scale` [out]: TFLite's per-channel quantization, axis 0);
+    lookup tables [V, C] are a tuple of column blocks (`values`) with `scale` [V, G], one per row and group of
+    C/G columns (dequantized in the graph, see `quantize_rows`).
+    """
+
+    values: np.ndarray | tuple[np.ndarray, ...]
+    scale: np.ndarray
+    bits: int
+
+
+jax.tree_util.register_dataclass(Quantized, data_fields=["values", "scale"], meta_fields=["bits"])
+
+
+@jax.tree_util.register_dataclass
 @dataclass
 class GraphWeights:
-    """The checkpoint tree reshaped to [out, in] matrices (numpy, host memory) for `_linear`."""
+    """The checkpoint tree reshaped to [out, in] matrices (numpy, host memory) for `_linear`. Matrices and
+    tables are float arrays, or `Quantized` once `quantize_weights` ran."""
 
-    embedding: np.ndarray  # [V, D], also the tied LM head
-    per_layer_table: np.ndarray | None  # [V, L*P]
-    per_layer_model_projection: np.ndarray | None  # [L*P, D]
+    embedding: object  # [V, D] lookup table
+    lm_head: object  # [V, D]: the tied embedding as the output projection
+    per_layer_table: object | None  # [V, L*P]
+    per_layer_model_projection: object | None  # [L*P, D]
     per_layer_projection_norm: np.ndarray | None  # [P]
     final_norm: np.ndarray
-    layers: list[dict[str, np.ndarray]]
-    lm_head: np.ndarray | None = None  # [V, D] when it differs from `embedding` (quantized references)
+    layers: list[dict[str, object]]
 
 
-def graph_weights(config: Gemma4Config, params, dtype=np.float32) -> GraphWeights:
-    """Reshapes the parameter tree; `dtype` is the storage dtype of the matrices (norm scales stay f32)."""
+def graph_weights(config: Gemma4Config, params, dtype=np.float32, prepare=None, consume: bool = False) -> GraphWeights:
+    """Reshapes the parameter tree; `dtype` is the storage dtype of the matrices (norm scales stay f32).
+
+    `prepare(name, w)` (e.g. `quantizer(...)`) is applied to each matrix and table as soon as it is read (names
+    as in `named_tensors`; the PLE table is passed as stored, [V, L, P]); `consume` pops each layer and table
+    from `params` once read, so the source tree is freed while the prepared one grows (full-size exports)."""
     cfg = config
+
+    def as_stored(name, w):
+        return _np(w, dtype).reshape(cfg.vocab_size, -1) if name == "per_layer_table" else w
+
+    prepare = prepare or as_stored
     emb = params["embedder"]
     d, n_layers, p = cfg.embed_dim, cfg.num_layers, cfg.per_layer_input_dim
     layers = []
     for i in range(n_layers):
-        lp = params[f"layer_{i}"]
+        lp = params.pop(f"layer_{i}") if consume else params[f"layer_{i}"]
         attn = lp["attn"]
         n, h, kh = cfg.num_heads, cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
         w = {
@@ -98,15 +131,21 @@ def graph_weights(config: Gemma4Config, params, dtype=np.float32) -> GraphWeight
             w["ple_gate"] = _np(lp["per_layer_input_gate"]["w"], dtype).T.copy()  # [P, D]
             w["ple_projection"] = _np(lp["per_layer_projection"]["w"], dtype).T.copy()  # [D, P]
             w["post_per_layer_input_norm"] = _np(lp["post_per_layer_input_norm"]["scale"])
-        layers.append(w)
+        del lp
+        layers.append({name: prepare(f"layer_{i}.{name}", v) if name in MATRICES else v for name, v in w.items()})
     table = plm = plnorm = None
     if p:
         if "per_layer_embeddings" in emb:
-            table = _np(emb["per_layer_embeddings"], dtype).reshape(cfg.vocab_size, n_layers * p)
+            raw = emb.pop("per_layer_embeddings") if consume else emb["per_layer_embeddings"]
+            table = prepare("per_layer_table", raw)  # as stored: a quantizer reads it in row chunks
+            del raw
         plm = _np(emb["per_layer_model_projection"]["w"], dtype).reshape(d, n_layers * p).T.copy()
+        plm = prepare("per_layer_model_projection", plm)
         plnorm = _np(emb["per_layer_projection_norm"]["scale"])
+    embedding = _np(emb.pop("input_embedding") if consume else emb["input_embedding"], dtype)
     return GraphWeights(
-        embedding=_np(emb["input_embedding"], dtype),
+        embedding=prepare("embedding", embedding),
+        lm_head=prepare("lm_head", embedding),
         per_layer_table=table,
         per_layer_model_projection=plm,
         per_layer_projection_norm=plnorm,
@@ -115,47 +154,125 @@ def graph_weights(config: Gemma4Config, params, dtype=np.float32) -> GraphWeight
     )
 
 
-# Matrices the quantization recipes quantize (FULLY_CONNECTED weights), and those kept at 8 bits (PLE).
-QUANTIZED = ("q", "k", "v", "o", "gating", "linear", "router", "expert_gating", "expert_linear")
-QUANTIZED_PLE = ("ple_gate", "ple_projection")
+# The [out, in] matrices of FULLY_CONNECTED ops, and those kept at >= 8 bits (the per-layer-input projections:
+# 4 bits there roughly doubles the error).
+MATRICES = (
+    "q",
+    "k",
+    "v",
+    "o",
+    "gating",
+    "linear",
+    "router",
+    "expert_gating",
+    "expert_linear",
+    "ple_gate",
+    "ple_projection",
+)
+PLE_MATRICES = ("ple_gate", "ple_projection")
+# Bits of the quantized lookup tables (embedding, PLE table): GATHER reads int8 rows, dequantized in the graph.
+TABLE_BITS = 8
+_CHUNK_ROWS = 4096  # rows quantized at once: bounds the float32 temporaries of big tables
+TABLE_PART_ELEMENTS = 2**30  # elements per stored block of a quantized table (the E2B PLE table has 2.3e9)
 
 
-def fake_quantize(w: np.ndarray, bits: int) -> np.ndarray:
-    """Symmetric per-output-channel quantize + dequantize of an [out, in] matrix, as ai-edge-quantizer's
-    min/max channelwise recipe does it (scale = max|w| / (2^(bits-1) - 1), round to nearest, clip)."""
+def quantize_rows(w: np.ndarray, bits: int, groups: int | None = None) -> Quantized:
+    """Symmetric round-to-nearest quantization of w [R, ...] (trailing dims flattened to C), as ai-edge-quantizer's
+    min/max recipe computes it: scale = max(max|w|, 1e-9) / qmax in float32, q = clip(rint(w / scale)); 8 bits
+    use the narrow range [-127, 127], 4 bits [-8, 7]. Row chunks at a time, so bf16 sources never exist in f32
+    whole.
+
+    `groups` None (a matrix): one scale per row, `values` [R, C], `scale` [R]. Else (a lookup table): one scale
+    per row and group of C/groups columns, `scale` [R, groups], and `values` a tuple of column blocks of whole
+    groups, each under TABLE_PART_ELEMENTS (TFLite's gathers index tensors with 32-bit flat offsets).
+    """
     qmax = 2 ** (bits - 1) - 1
-    scale = np.maximum(np.abs(w).max(axis=1, keepdims=True), np.finfo(np.float32).tiny) / qmax
-    return (np.clip(np.round(w / scale), -qmax - 1, qmax) * scale).astype(np.float32)
+    qmin = -qmax if bits >= 8 else -qmax - 1
+    rows, cols = w.shape[0], math.prod(w.shape[1:])
+    g = groups or 1
+    group_cols = cols // g
+    per_part = g if groups is None else max(1, min(g, TABLE_PART_ELEMENTS // (rows * group_cols)))
+    bounds = [(a * group_cols, min(g, a + per_part) * group_cols) for a in range(0, g, per_part)]
+    parts = tuple(np.empty((rows, b - a), np.int8) for a, b in bounds)
+    scale = np.empty((rows, g), np.float32)
+    for start in range(0, rows, _CHUNK_ROWS):
+        chunk = np.asarray(w[start : start + _CHUNK_ROWS], np.float32).reshape(-1, g, group_cols)  # [r, G, C/G]
+        bound = np.maximum(np.abs(chunk).max(axis=2), np.float32(1e-9))
+        s = (bound / np.float32(qmax)).astype(np.float32)
+        scale[start : start + len(chunk)] = s
+        q = np.clip(np.rint(chunk / s[:, :, None]), qmin, qmax).reshape(len(chunk), cols).astype(np.int8)
+        for part, (a, b) in zip(parts, bounds, strict=True):
+            part[start : start + len(chunk)] = q[:, a:b]
+    if groups is None:
+        return Quantized(parts[0], scale[:, 0], bits)
+    return Quantized(parts, scale, bits)
 
 
-def quantized_like(weights: GraphWeights, bits: int, ple_bits: int) -> GraphWeights:
-    """The weights the quantized export computes with: matmul weights at `bits`, per-layer-input projections
-    at `ple_bits`, the tied LM head at `bits` while the embedding lookup stays float."""
-    layers = []
-    for w in weights.layers:
-        w = dict(w)
-        for name in QUANTIZED:
-            if name in w:
-                w[name] = fake_quantize(w[name], bits)
-        for name in QUANTIZED_PLE:
-            if name in w:
-                w[name] = fake_quantize(w[name], ple_bits)
-        layers.append(w)
-    plm = weights.per_layer_model_projection
-    return dataclasses.replace(
-        weights,
-        layers=layers,
-        per_layer_model_projection=None if plm is None else fake_quantize(plm, ple_bits),
-        lm_head=fake_quantize(weights.embedding, bits),
-    )
+def quantizer(config: Gemma4Config, bits: int, ple_bits: int):
+    """The `prepare` of a quantized export (see `graph_weights`): FULLY_CONNECTED weights at `bits` (the
+    per-layer-input projections at max(bits, ple_bits)), lookup tables int8 per row (the PLE table per row and
+    layer: its layers' rows differ in scale)."""
+
+    def prepare(name: str, w) -> Quantized:
+        if name == "embedding":
+            return quantize_rows(w, TABLE_BITS, groups=1)
+        if name == "per_layer_table":
+            return quantize_rows(w, TABLE_BITS, groups=config.num_layers)
+        ple = name == "per_layer_model_projection" or name.split(".")[-1] in PLE_MATRICES
+        return quantize_rows(w, max(bits, ple_bits) if ple else bits)
+
+    return prepare
+
+
+def named_tensors(weights: GraphWeights) -> dict[str, object]:
+    """The big tensors by signature-input name: `layer_{i}.{q,k,...}`, `per_layer_model_projection`, `lm_head`
+    (FULLY_CONNECTED weights), `embedding`, `per_layer_table` (lookup tables)."""
+    out = {}
+    for i, w in enumerate(weights.layers):
+        out |= {f"layer_{i}.{name}": w[name] for name in MATRICES if name in w}
+    if weights.per_layer_model_projection is not None:
+        out["per_layer_model_projection"] = weights.per_layer_model_projection
+    out["lm_head"] = weights.lm_head
+    out["embedding"] = weights.embedding
+    if weights.per_layer_table is not None:
+        out["per_layer_table"] = weights.per_layer_table
+    return out
+
+
+def with_tensors(weights: GraphWeights, tensors: dict[str, object]) -> GraphWeights:
+    """`weights` with the named tensors (see `named_tensors`) replaced, e.g. by a signature's inputs."""
+    layers = [dict(w) for w in weights.layers]
+    top = {}
+    for name, value in tensors.items():
+        if name.startswith("layer_"):
+            i, key = name[len("layer_") :].split(".")
+            layers[int(i)][key] = value
+        else:
+            top[name] = value
+    return dataclasses.replace(weights, layers=layers, **top)
 
 
 def _linear(x: jax.Array, w) -> jax.Array:
-    """x [..., in] @ w[out, in].T in float32 (16-bit stored weights are widened inside the graph)."""
+    """x [..., in] @ w[out, in].T in float32 (16-bit or `Quantized` weights are widened inside the graph)."""
+    if isinstance(w, Quantized):
+        # The barrier ties the dequantization to x: XLA would otherwise hoist every layer's dequantized float
+        # matrix to the start of the program and hold them all (the JAX reference of a quantized E2B).
+        x, values = jax.lax.optimization_barrier((x, jnp.asarray(w.values)))
+        w = values.astype(jnp.float32) * jnp.asarray(w.scale)[:, None]
     w = jnp.asarray(w)
     if w.dtype != jnp.float32:
         w = w.astype(jnp.float32)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _lookup(table, ids) -> jax.Array:
+    """Rows table[ids] [N, C] in float32; a `Quantized` table is dequantized after the gather (rows only)."""
+    if not isinstance(table, Quantized):
+        return jnp.take(jnp.asarray(table), ids, axis=0).astype(jnp.float32)
+    blocks = [jnp.take(jnp.asarray(block), ids, axis=0) for block in table.values]
+    rows = jnp.concatenate(blocks, axis=1).astype(jnp.float32)  # [N, C]
+    scale = jnp.take(jnp.asarray(table.scale), ids, axis=0)  # [N, G]
+    return (rows.reshape(ids.shape[0], scale.shape[1], -1) * scale[:, :, None]).reshape(rows.shape)
 
 
 def _norm(x, scale, eps):
@@ -215,7 +332,7 @@ def cache_shapes(config: Gemma4Config, cache_len: int) -> dict[str, tuple[int, .
 
 def embed(config: Gemma4Config, table, tokens):
     """The embedder: token ids [1, T] -> [1, T, D] scaled embeddings (as `model.Embedder.encode`)."""
-    x = jnp.take(jnp.asarray(table), tokens[0], axis=0).astype(jnp.float32)
+    x = _lookup(table, tokens[0])
     return (x * jnp.asarray(config.embed_scale, jnp.float32))[None]
 
 
@@ -290,7 +407,7 @@ def step(config: Gemma4Config, weights: GraphWeights, tokens, input_pos, per_lay
         x = hres * jnp.asarray(w["skip_scale"])
 
     x = _norm(x, weights.final_norm, eps)
-    logits = _linear(x, weights.embedding if weights.lm_head is None else weights.lm_head)  # tied head: [T, V]
+    logits = _linear(x, weights.lm_head)  # the tied embedding: [T, V]
     if cfg.final_logit_softcap is not None:
         logits = jax.lax.optimization_barrier(logits)
         logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
@@ -299,6 +416,6 @@ def step(config: Gemma4Config, weights: GraphWeights, tokens, input_pos, per_lay
 
 def per_layer_rows(config: Gemma4Config, table, token_ids):
     """The PLE model: token ids [1, T] -> [1, T, L, P] table rows times sqrt(P) (the token part of PLE)."""
-    rows = jnp.take(jnp.asarray(table), model.per_layer_token_ids(config, token_ids[0]), axis=0)
-    rows = rows.astype(jnp.float32) * jnp.asarray(math.sqrt(config.per_layer_input_dim), jnp.float32)
+    rows = _lookup(table, model.per_layer_token_ids(config, token_ids[0]))
+    rows = rows * jnp.asarray(math.sqrt(config.per_layer_input_dim), jnp.float32)
     return rows.reshape(1, token_ids.shape[1], config.num_layers, config.per_layer_input_dim)
