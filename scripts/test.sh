@@ -25,4 +25,4 @@ if ! python -c 'import llama_cpp, sys; sys.exit(llama_cpp.__version__ != "0.3.36
 fi
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
