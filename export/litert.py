@@ -104,13 +104,15 @@ def _tensors_from_args(tensors: dict, args) -> dict:
 
 def pack_int4(values):
     """int4 values (int8 array, one per byte) -> bytes holding two each: element 2i in the low nibble, 2i+1
-    in the high one (TFLite's INT4 layout)."""
+    in the high one (TFLite's INT4 layout: `quant.pack_nibbles` with blocks of 2; an odd tail is zero-padded)."""
     import numpy as np
 
-    flat = values.reshape(-1).view(np.uint8)
-    packed = flat[0::2] & 0x0F
-    packed[: len(flat) // 2] |= (flat[1::2] & 0x0F) << 4
-    return packed
+    from gemma4_jax.quant import pack_nibbles
+
+    nibbles = values.reshape(-1).view(np.uint8) & np.uint8(0x0F)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return pack_nibbles(nibbles, 2)
 
 
 def weight_constants(tensors: dict) -> dict:
