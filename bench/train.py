@@ -59,6 +59,25 @@ def worker_create(args) -> dict:
     return {"params": model.count_params(params)}
 
 
+def timed_steps(args, label: str, one_step) -> dict:
+    """Runs `one_step(s) -> loss` for s < args.steps, timing the steps after the warm-up ones; the figures both
+    workers report."""
+    losses, start = [], None
+    for s in range(args.steps):
+        if s == args.warmup:
+            start = time.perf_counter()
+        losses.append(one_step(s))
+        log(f"{label} step {s + 1}/{args.steps} loss {losses[-1]:.4f}")
+    seconds = time.perf_counter() - start
+    timed = args.steps - args.warmup
+    return {
+        "tokens_per_s": timed * args.batch * args.seq_len / seconds,
+        "step_s": seconds / timed,
+        "first_loss": losses[0],
+        "peak_rss_gib": peak_rss_gib(),
+    }
+
+
 def worker_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -87,24 +106,13 @@ def worker_jax(args) -> dict:
             "weights": np.ones((1, args.batch, args.seq_len), np.float32),
         }
 
-    losses = []
-    start = None
-    for s in range(args.steps):
-        if s == args.warmup:
-            start = time.perf_counter()
+    def one_step(s: int) -> float:
+        nonlocal adapters, opt_state
         adapters, opt_state, m = step(adapters, opt_state, base, batch(s), s)
-        losses.append(float(m["loss"]))  # waits for the step
-        log(f"jax step {s + 1}/{args.steps} loss {losses[-1]:.4f}")
-    seconds = time.perf_counter() - start
-    timed = args.steps - args.warmup
-    return {
-        "tokens_per_s": timed * args.batch * args.seq_len / seconds,
-        "step_s": seconds / timed,
-        "first_loss": losses[0],
-        "adapter_params": lora.count(adapters),
-        "peak_rss_gib": peak_rss_gib(),
-        "jax_devices": str(jax.devices()[0]),
-    }
+        return float(m["loss"])  # waits for the step
+
+    result = timed_steps(args, "jax", one_step)
+    return result | {"adapter_params": lora.count(adapters), "jax_devices": str(jax.devices()[0])}
 
 
 def worker_hf(args) -> dict:
@@ -120,11 +128,8 @@ def worker_hf(args) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     tokens = torch.tensor(make_rows(model.config.vocab_size, args.batch * args.steps, args.seq_len, args.seed)).long()
-    losses = []
-    start = None
-    for s in range(args.steps):
-        if s == args.warmup:
-            start = time.perf_counter()
+
+    def one_step(s: int) -> float:
         rows = tokens[s * args.batch : (s + 1) * args.batch]
         logits = model(input_ids=rows[:, :-1], use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
@@ -132,18 +137,10 @@ def worker_hf(args) -> dict:
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        log(f"hf step {s + 1}/{args.steps} loss {losses[-1]:.4f}")
-    seconds = time.perf_counter() - start
-    timed = args.steps - args.warmup
-    return {
-        "tokens_per_s": timed * args.batch * args.seq_len / seconds,
-        "step_s": seconds / timed,
-        "first_loss": losses[0],
-        "adapter_params": sum(p.numel() for p in trainable),
-        "peak_rss_gib": peak_rss_gib(),
-        "torch_threads": torch.get_num_threads(),
-    }
+        return float(loss)
+
+    result = timed_steps(args, "hf", one_step)
+    return result | {"adapter_params": sum(p.numel() for p in trainable), "torch_threads": torch.get_num_threads()}
 
 
 def run_worker(kind: str, args, directory: str) -> dict:
