@@ -26,7 +26,6 @@ mismatch fails the export and leaves nothing behind.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import sys
@@ -50,24 +49,6 @@ _CHECK_DECODE_STEPS = 8
 SIDE_MODELS = {"embedder": "embedder.tflite", "per_layer_embedder": "per_layer_embedder.tflite"}
 
 
-def add_arguments(parser) -> None:
-    from gemma4_jax.cli import add_model_args
-
-    add_model_args(parser, "float32")
-    parser.add_argument("--quant", choices=("none", "int8", "int4"), default="none", help="weight quantization")
-    parser.add_argument(
-        "--ple-bits",
-        type=int,
-        choices=(4, 8),
-        default=8,
-        help="bits of the per-layer-input projections under --quant int4 (default 8: 4 bits roughly doubles error)",
-    )
-    parser.add_argument("--prefill-len", type=int, default=128, help="tokens per prefill call (default 128)")
-    parser.add_argument("--cache-len", type=int, default=1024, help="KV cache length S (default 1024)")
-    parser.add_argument("--tokenizer", help="directory with tokenizer.model (default: the checkpoint directory)")
-    parser.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
-
-
 def _log(msg: str) -> None:
     print(f"[litert] {msg}", file=sys.stderr, flush=True)
 
@@ -77,6 +58,7 @@ def weight_inputs(tensors: dict) -> list[tuple[str, tuple[int, ...], object]]:
     no weight constants: a float32 input per matrix (quantized when bound), per quantized lookup table its int8
     blocks `{name}.{k}` and float32 `{name}.scale` (dequantized in the graph)."""
     import numpy as np
+
     from gemma4_jax.export.litert_graph import Quantized
 
     inputs = []
@@ -107,7 +89,7 @@ def pack_int4(values):
     in the high one (TFLite's INT4 layout: `quant.pack_nibbles` with blocks of 2; an odd tail is zero-padded)."""
     import numpy as np
 
-    from gemma4_jax.quant import pack_nibbles
+    from gemma4_jax.quant.codecs import pack_nibbles
 
     nibbles = values.reshape(-1).view(np.uint8) & np.uint8(0x0F)
     if nibbles.size % 2:
@@ -119,6 +101,7 @@ def weight_constants(tensors: dict) -> dict:
     """The constants `litert_convert.bind_constants` puts in place of `weight_inputs(tensors)`."""
     import numpy as np
     from ai_edge_litert.schema_py_generated import TensorType
+
     from gemma4_jax.export.litert_convert import Constant
     from gemma4_jax.export.litert_graph import Quantized
 
@@ -140,15 +123,16 @@ def main_signatures(config, weights, prefill_len: int, cache_len: int):
     """The prefill and decode signatures of the main model (see module doc), weights as trailing inputs, and
     the weight tensors they take ({name: tensor})."""
     import numpy as np
+
     from gemma4_jax.export import litert_convert, litert_graph
 
     shapes = litert_graph.cache_shapes(config, cache_len)
     names = list(shapes)
     ple = bool(config.per_layer_input_dim)
     tensors = litert_graph.named_tensors(weights)
-    tensors.pop("per_layer_table", None)  # the PLE model's
+    tensors.pop(litert_graph.PLE_TABLE, None)  # the PLE model's
     if ple:
-        tensors.pop("embedding")  # the embedder model's
+        tensors.pop(litert_graph.EMBEDDING)  # the embedder model's
     extra = weight_inputs(tensors)
 
     def signature(name: str, t: int):
@@ -182,10 +166,11 @@ def side_signature(config, weights, name: str):
     """A PLE config's side model (`embedder` or `per_layer_embedder`): token_ids [1, 1] -> `embeddings`, its
     table as an input; and {table name: table}."""
     import numpy as np
+
     from gemma4_jax.export import litert_convert, litert_graph
 
-    table_name = {"embedder": "embedding", "per_layer_embedder": "per_layer_table"}[name]
-    tensors = {table_name: getattr(weights, table_name)}
+    table_name = {"embedder": litert_graph.EMBEDDING, "per_layer_embedder": litert_graph.PLE_TABLE}[name]
+    tensors = {table_name: weights[table_name]}
 
     def fn(token_ids, *args):
         table = _tensors_from_args(tensors, args)[table_name]
@@ -268,16 +253,17 @@ def graph_reference(config, weights, prompt, n_decode: int, cache_len: int):
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     from gemma4_jax.export import litert_graph
 
     caches = {n: jnp.zeros(s, jnp.float32) for n, s in litert_graph.cache_shapes(config, cache_len).items()}
 
     @jax.jit
     def step(weights, tokens, pos, caches):
-        x = litert_graph.embed(config, weights.embedding, tokens)
+        x = litert_graph.embed(config, weights[litert_graph.EMBEDDING], tokens)
         rows = None
         if config.per_layer_input_dim:
-            rows = litert_graph.per_layer_rows(config, weights.per_layer_table, tokens)
+            rows = litert_graph.per_layer_rows(config, weights[litert_graph.PLE_TABLE], tokens)
         out = litert_graph.step(config, weights, None, pos, rows, caches, x)
         return out.pop("logits")[0], out
 
@@ -303,6 +289,7 @@ class LiteRTRunner:
         TFLite's builtin kernels only (XNNPACK would repack a twin's dequantized float weights: a second copy)."""
         import numpy as np
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
         from gemma4_jax.export import litert_graph
 
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
@@ -438,143 +425,180 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(args) -> int:
+# ----- the task, in steps ----------------------------------------------------------------------------------
+
+QUANTS = ("none", "int8", "int4")
+
+
+def _check_options(quant: str, ple_bits: int, prefill_len: int, cache_len: int) -> None:
+    if quant not in QUANTS:
+        raise Gemma4Error(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if ple_bits not in (4, 8):
+        raise Gemma4Error(f"--ple-bits must be 4 or 8, got {ple_bits}")
+    if ple_bits != 8 and quant != "int4":
+        raise Gemma4Error("--ple-bits applies to --quant int4")
+    if prefill_len < 1 or cache_len < 2:
+        raise Gemma4Error("--prefill-len must be >= 1 and --cache-len >= 2")
+    if prefill_len > cache_len:
+        raise Gemma4Error(f"--prefill-len {prefill_len} exceeds --cache-len {cache_len}")
+
+
+def _find_tokenizer(tokenizer_dir: str | None, source) -> str | None:
+    """The directory with tokenizer.model for the bundle: the given one (required to have it), else the source's."""
+    if tokenizer_dir is not None:
+        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.model")):
+            raise Gemma4Error(f"no tokenizer.model in {tokenizer_dir}")
+        return tokenizer_dir
+    d = source.directory
+    return d if d and os.path.isfile(os.path.join(d, "tokenizer.model")) else None
+
+
+def prepare_weights(source, quant: str, ple_bits: int):
+    """Step 1: the graph's weights. Float exports read float32; quantized ones read bf16 and quantize one tensor
+    at a time (full-size E2B is never held in f32: 18.6 GB)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gemma4_jax.export import litert_graph
+
+    if quant == "none":
+        return litert_graph.graph_weights(source.config, source, np.float32)
+    t0 = time.time()
+    prepare = litert_graph.quantizer(source.config, {"int8": 8, "int4": 4}[quant], ple_bits)
+    weights = litert_graph.graph_weights(source.config, source, np.dtype(jnp.bfloat16), prepare)
+    _log(f"quantized ({quant}, per-layer inputs {ple_bits}-bit) in {time.time() - t0:.0f} s")
+    return weights
+
+
+def check_against_jax(source, weights, converted, paths, work: str, quant: str, prefill_len, cache_len) -> dict:
+    """Step 4: run the written models in the LiteRT interpreter against JAX; raise (nothing is kept) on a mismatch.
+
+    Float exports are compared with `model.apply` on the source's weights. Quantized exports: a weight-only twin
+    (same quantized weights, float compute) must equal `litert_graph.step` on the dequantized weights to round-off;
+    the shipped dynamic-range model is only bounded against gross breakage (it quantizes activations too)."""
     import gc
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from gemma4_jax.export import litert_graph
 
-    from gemma4_jax.cli import load_model
+    cfg = source.config
+    prompt_len = min(prefill_len, 12)
+    prompt = [cfg.bos_id, *np.random.default_rng(0).integers(3, cfg.vocab_size, prompt_len - 1).tolist()]
+    n_decode = min(_CHECK_DECODE_STEPS, cache_len - prompt_len)
+    check: dict = {"prompt_tokens": prompt_len, "decode_steps": n_decode}
+    side = {name: paths[file] for name, file in SIDE_MODELS.items() if file in paths}
+    model_path = paths["model.tflite"]
+    if quant == "none":
+        from gemma4_jax.api import read_params
+
+        params = read_params(source, np.float32, progress=False)
+        reference = jax_reference(cfg, params, prompt, n_decode, cache_len)
+        del params
+        err, scale, got = compare(cfg, model_path, side, prefill_len, cache_len, prompt, reference)
+        _log(f"check vs model.apply: max |dlogit| {err:.3g} (tol {TOLERANCE:.3g}), greedy equal {got == reference[2]}")
+        _require(err, TOLERANCE, got, reference[2], "model.apply")
+        return check | {
+            "max_abs_logit_diff": err,
+            "tolerance": TOLERANCE,
+            "jax_greedy": reference[2],
+            "litert_greedy": got,
+        }
+    # Decode-only twin: each signature's DEQUANTIZE ops hold their own float copy of the weights (2 x 8 GB for E2B);
+    # the prompt goes through decode token by token.
+    twin_dir = tempfile.mkdtemp(dir=work)
+    twin = write_models({"model.tflite": converted["model.tflite"]}, twin_dir, True, ("decode",))["model.tflite"]
+    t0 = time.time()
+    reference = graph_reference(cfg, jax.device_put(weights), prompt, n_decode, cache_len)
+    gc.collect()
+    _log(f"JAX reference on the quantized weights in {time.time() - t0:.0f} s")
+    err, scale, got = compare(cfg, twin, side, prefill_len, cache_len, prompt, reference, xnnpack=False)
+    shutil.rmtree(twin_dir)
+    gc.collect()
+    tol = max(TOLERANCE, TWIN_RELATIVE * scale)
+    _log(
+        f"weights check (decode-only weight-only twin vs JAX, same weights): max |dlogit| {err:.3g} "
+        f"(tol {tol:.3g}, logit range {scale:.3g})"
+    )
+    _require(err, tol, got, reference[2], "JAX on the dequantized weights")
+    check |= {"weights_max_abs_logit_diff": err, "weights_tolerance": tol}
+    err, scale, got = compare(cfg, model_path, side, prefill_len, cache_len, prompt, reference)
+    bound = DYNAMIC_BOUND * scale
+    agree = sum(a == b for a, b in zip(got, reference[2], strict=True))
+    _log(
+        f"dynamic-range model vs JAX on dequantized weights: max |dlogit| {err:.3g} "
+        f"({err / max(scale, 1e-30):.2f} of the logit range), greedy agreement {agree}/{len(got)}"
+    )
+    if not err <= bound:
+        raise Gemma4Error(f"the quantized model is off by {err:.4g} > {bound:.4g} in logits; nothing written")
+    return check | {
+        "dynamic_max_abs_logit_diff": err,
+        "logit_scale": scale,
+        "jax_greedy": reference[2],
+        "litert_greedy": got,
+    }
+
+
+def export_litert(
+    source,
+    out: str,
+    *,
+    quant: str = "none",
+    ple_bits: int = 8,
+    prefill_len: int = 128,
+    cache_len: int = 1024,
+    tokenizer_dir: str | None = None,
+) -> str:
+    """Writes the LiteRT models of `source` (a `sources.WeightSource`) and, with a SentencePiece tokenizer, the
+    .litertlm bundle into the new directory `out` (see the module doc). Returns a one-line summary."""
+    import gc
+
+    from gemma4_jax import files
+    from gemma4_jax.errors import require_packages
 
     start = time.time()
-    out_dir = os.path.abspath(args.output)
-    if os.path.exists(out_dir):
-        raise Gemma4Error(f"{args.output} already exists; choose a new output directory")
-    if args.prefill_len < 1 or args.cache_len < 2:
-        raise Gemma4Error("--prefill-len must be >= 1 and --cache-len >= 2")
-    if args.prefill_len > args.cache_len:
-        raise Gemma4Error(f"--prefill-len {args.prefill_len} exceeds --cache-len {args.cache_len}")
-    if args.dtype not in (None, "float32", "f32"):
-        raise Gemma4Error("LiteRT export computes in float32 (--dtype float32); quantize with --quant")
-    tokenizer_dir = args.tokenizer or args.checkpoint
-    if tokenizer_dir and not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.model")):
-        if args.tokenizer:
-            raise Gemma4Error(f"no tokenizer.model in {args.tokenizer}")
-        tokenizer_dir = None
-
-    quantized = args.quant != "none"
-    # Quantized exports read the parameters in bf16 and quantize them one tensor at a time: no float32 model
-    # is ever held (full-size E2B: 18.6 GB in f32).
-    cfg, params, source = load_model(args, "bfloat16" if quantized else "float32")
-    _log(f"{cfg.name}: {source}, quant {args.quant}, prefill {args.prefill_len}, cache {args.cache_len}")
-    ple_bits = {"none": 32, "int8": 8, "int4": args.ple_bits}[args.quant]
-    if quantized:
-        t0 = time.time()
-        prepare = litert_graph.quantizer(cfg, {"int8": 8, "int4": 4}[args.quant], ple_bits)
-        weights = litert_graph.graph_weights(cfg, params, np.dtype(jnp.bfloat16), prepare, consume=True)
-        del params
-        gc.collect()
-        _log(f"quantized ({args.quant}, per-layer inputs {ple_bits}-bit) in {time.time() - t0:.0f} s")
-    else:
-        weights = litert_graph.graph_weights(cfg, params)
-    converted = convert_models(cfg, weights, args.prefill_len, args.cache_len)
+    require_packages("ai_edge_litert", "litert_converter", "litert_lm_builder", extra="litert", what="export litert")
+    _check_options(quant, ple_bits, prefill_len, cache_len)
+    out = files.check_output(out, directory=True)
+    tokenizer_dir = _find_tokenizer(tokenizer_dir, source)
+    cfg = source.config
+    ple_bits = {"none": 32, "int8": 8, "int4": ple_bits}[quant]
+    _log(f"{cfg.name}: {source.description}, quant {quant}, prefill {prefill_len}, cache {cache_len}")
+    weights = prepare_weights(source, quant, ple_bits)
+    converted = convert_models(cfg, weights, prefill_len, cache_len)
+    if quant == "none":
+        del weights  # the check reads the source again
+        weights = None
     gc.collect()
-
-    prompt_len = min(args.prefill_len, 12)
-    prompt = [cfg.bos_id, *np.random.default_rng(0).integers(3, cfg.vocab_size, prompt_len - 1).tolist()]
-    n_decode = min(_CHECK_DECODE_STEPS, args.cache_len - prompt_len)
-    check = {"prompt_tokens": prompt_len, "decode_steps": n_decode}
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-litert-")
-    try:
+    with files.atomic_output(out, directory=True) as tmp:
         t0 = time.time()
         paths = write_models(converted, tmp)
-        side = {name: paths[file] for name, file in SIDE_MODELS.items() if file in paths}
-        model_path = paths["model.tflite"]
-        if quantized:  # the weight-only twin of the main model (see below)
-            # Decode only: each signature's DEQUANTIZE ops hold their own float copy of the weights (2 x 8 GB
-            # for E2B); the prompt goes through decode token by token.
-            twin_path = write_models(
-                {"model.tflite": converted["model.tflite"]}, tempfile.mkdtemp(dir=tmp), True, ("decode",)
-            )
-        del converted
         _log(f"weights bound in {time.time() - t0:.0f} s")
-        if not quantized:
-            del weights
-            reference = jax_reference(cfg, params, prompt, n_decode, args.cache_len)
-            del params
-            err, scale, got = compare(cfg, model_path, side, args.prefill_len, args.cache_len, prompt, reference)
-            tol = TOLERANCE
-            _log(f"check vs model.apply: max |dlogit| {err:.3g} (tol {tol:.3g}), greedy equal {got == reference[2]}")
-            _require(err, tol, got, reference[2], "model.apply")
-            check |= {"max_abs_logit_diff": err, "tolerance": tol, "jax_greedy": reference[2], "litert_greedy": got}
-        else:
-            t0 = time.time()
-            weights = jax.device_put(weights)  # once (not per call); the numpy copies can go
-            gc.collect()
-            reference = graph_reference(cfg, weights, prompt, n_decode, args.cache_len)
-            del weights
-            gc.collect()
-            _log(f"JAX reference on the quantized weights in {time.time() - t0:.0f} s")
-            # The weights: a weight-only twin (same quantized weights, float compute) must match the JAX forward
-            # on the dequantized weights to round-off.
-            twin = twin_path["model.tflite"]
-            err, scale, got = compare(
-                cfg, twin, side, args.prefill_len, args.cache_len, prompt, reference, xnnpack=False
-            )
-            shutil.rmtree(os.path.dirname(twin))
-            gc.collect()
-            tol = max(TOLERANCE, TWIN_RELATIVE * scale)
-            _log(
-                f"weights check (decode-only weight-only twin vs JAX, same weights): max |dlogit| {err:.3g} "
-                f"(tol {tol:.3g}, logit range {scale:.3g})"
-            )
-            _require(err, tol, got, reference[2], "JAX on the dequantized weights")
-            check |= {"weights_max_abs_logit_diff": err, "weights_tolerance": tol}
-            # The exported model also quantizes activations at run time: its distance is reported, and bounded
-            # only against gross breakage (a mis-converted graph is off by several times the logit scale).
-            err, scale, got = compare(cfg, model_path, side, args.prefill_len, args.cache_len, prompt, reference)
-            bound = DYNAMIC_BOUND * scale
-            _log(
-                f"dynamic-range model vs JAX on dequantized weights: max |dlogit| {err:.3g} "
-                f"({err / max(scale, 1e-30):.2f} of the logit range), greedy agreement "
-                f"{sum(a == b for a, b in zip(got, reference[2], strict=True))}/{len(got)}"
-            )
-            if not err <= bound:
-                raise Gemma4Error(f"the quantized model is off by {err:.4g} > {bound:.4g} in logits; nothing written")
-            check |= {"dynamic_max_abs_logit_diff": err, "logit_scale": scale, "jax_greedy": reference[2]}
-            check |= {"litert_greedy": got}
+        check = check_against_jax(source, weights, converted, paths, tmp, quant, prefill_len, cache_len)
+        del converted, weights
         gc.collect()
-        files = list(paths)
+        names = list(paths)
+        side = [name for name, file in SIDE_MODELS.items() if file in paths]
         if tokenizer_dir:
-            write_bundle(os.path.join(tmp, "model.litertlm"), cfg, tmp, list(side), tokenizer_dir, args.cache_len)
-            files.append("model.litertlm")
+            write_bundle(os.path.join(tmp, "model.litertlm"), cfg, tmp, side, tokenizer_dir, cache_len)
+            names.append("model.litertlm")
         else:
             _log("no tokenizer.model (pass --tokenizer DIR): .litertlm bundle skipped")
         summary = {
             "variant": cfg.name,
-            "source": source,
-            "quant": args.quant,
+            "source": source.description,
+            "quant": quant,
             "ple_bits": ple_bits,
-            "prefill_len": args.prefill_len,
-            "cache_len": args.cache_len,
-            "files": {name: os.path.getsize(os.path.join(tmp, name)) for name in files},
+            "prefill_len": prefill_len,
+            "cache_len": cache_len,
+            "files": {name: os.path.getsize(os.path.join(tmp, name)) for name in names},
             "check": check,
             "seconds": round(time.time() - start, 1),
             "peak_rss_mb": round(_peak_rss_mb()),
         }
-        with open(os.path.join(tmp, "export.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        files.write_json(os.path.join(tmp, "export.json"), summary)
     total = sum(summary["files"].values())
-    print(
-        f"wrote {args.output}: {', '.join(files)} ({total / 2**20:.1f} MiB), {cfg.name} {args.quant}, "
+    err = check.get("max_abs_logit_diff", check.get("weights_max_abs_logit_diff"))
+    return (
+        f"wrote {out}: {', '.join(names)} ({files.human_bytes(total)}), {cfg.name} {quant}, "
         f"max |dlogit| vs JAX {err:.2g}, {time.time() - start:.0f} s, peak RSS {summary['peak_rss_mb']} MiB"
     )
-    return 0

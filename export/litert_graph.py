@@ -2,8 +2,8 @@
 
 This is `gemma4_jax.model` re-expressed, not a second model: the norms (`rms_norm`), RoPE (`rope_inv_freq`,
 `apply_rope`), masks (`attention_mask`), PLE row selection (`per_layer_token_ids`) and every constant come
-from there, and the weights are the checkpoint tree, only reshaped. Ops are rewritten where the StableHLO →
-TFLite converter (litert-converter 0.5) fails or, worse, converts silently wrong:
+from there, and the weights are the checkpoint tree seen through the parameter spec ([out, in] views). Ops are
+rewritten where the StableHLO → TFLite converter (litert-converter 0.5) fails or, worse, converts silently wrong:
 
 - Every weight contraction is a 2-D `x @ W.T` with W stored [out, in] (`_linear`). An einsum with several
   contracting dims (`btnh,nhd->btd`, the MoE `tef,efd->td`) converts to wrong numbers; [out, in] is TFLite's
@@ -26,7 +26,6 @@ TFLite converter (litert-converter 0.5) fails or, worse, converts silently wrong
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -34,15 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma4_jax import model
+from gemma4_jax import model, param_spec
 from gemma4_jax.config import GLOBAL, Gemma4Config
-
-
-def _np(w, dtype=np.float32) -> np.ndarray:
-    """A weight as numpy `dtype`; 16-bit weights stored in `dtype` are not widened on the way (no f32 copy)."""
-    if model.is_dense(w) and jnp.dtype(w.dtype) == jnp.dtype(dtype):
-        return np.asarray(w)
-    return np.asarray(model.dense(w, jnp.float32)).astype(dtype)
+from gemma4_jax.quant.policy import TABLE_BITS, litert_bits
 
 
 @dataclass(frozen=True)
@@ -61,117 +54,46 @@ class Quantized:
 
 jax.tree_util.register_dataclass(Quantized, data_fields=["values", "scale"], meta_fields=["bits"])
 
-
-@jax.tree_util.register_dataclass
-@dataclass
-class GraphWeights:
-    """The checkpoint tree reshaped to [out, in] matrices (numpy, host memory) for `_linear`. Matrices and
-    tables are float arrays, or `Quantized` once `quantize_weights` ran."""
-
-    embedding: object  # [V, D] lookup table
-    lm_head: object  # [V, D]: the tied embedding as the output projection
-    per_layer_table: object | None  # [V, L*P]
-    per_layer_model_projection: object | None  # [L*P, D]
-    per_layer_projection_norm: np.ndarray | None  # [P]
-    final_norm: np.ndarray
-    layers: list[dict[str, object]]
+# Weights are a flat dict keyed by the official leaf name ("layer_3/attn/q_einsum/w"), plus the tied embedding
+# as the output projection under LM_HEAD. Each matrix is its leaf's [out, in] view (`param_spec.Leaf.matrix`):
+# K and V, gate and up come as one matrix whose output the graph splits.
+EMBEDDING = "embedder/input_embedding"
+PLE_TABLE = "embedder/per_layer_embeddings"
+LM_HEAD = "lm_head"
+Weights = dict
 
 
-def graph_weights(config: Gemma4Config, params, dtype=np.float32, prepare=None, consume: bool = False) -> GraphWeights:
-    """Reshapes the parameter tree; `dtype` is the storage dtype of the matrices (norm scales stay f32).
+def graph_weights(config: Gemma4Config, params, dtype=np.float32, prepare=None) -> Weights:
+    """The parameters (a tree, or a `sources.WeightSource` read leaf by leaf) as the graph's weights: scales as
+    float32 vectors, matrices as [out, in] in storage `dtype`, the PLE table in its HF [V, L·P] layout.
 
-    `prepare(name, w)` (e.g. `quantizer(...)`) is applied to each matrix and table as soon as it is read (names
-    as in `named_tensors`; the PLE table is passed as stored, [V, L, P]); `consume` pops each layer and table
-    from `params` once read, so the source tree is freed while the prepared one grows (full-size exports)."""
-    cfg = config
+    `prepare(name, leaf, w)` (e.g. `quantizer(...)`) is applied to each matrix and table as soon as it is read
+    (names as in `named_tensors`), so a quantized export never holds its float weights whole."""
+    from gemma4_jax.sources import TreeSource, WeightSource
 
-    def as_stored(name, w):
-        return _np(w, dtype).reshape(cfg.vocab_size, -1) if name == "per_layer_table" else w
-
-    prepare = prepare or as_stored
-    emb = params["embedder"]
-    d, n_layers, p = cfg.embed_dim, cfg.num_layers, cfg.per_layer_input_dim
-    layers = []
-    for i in range(n_layers):
-        lp = params.pop(f"layer_{i}") if consume else params[f"layer_{i}"]
-        attn = lp["attn"]
-        n, h, kh = cfg.num_heads, cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
-        w = {
-            "pre_attention_norm": _np(lp["pre_attention_norm"]["scale"]),
-            "post_attention_norm": _np(lp["post_attention_norm"]["scale"]),
-            "pre_ffw_norm": _np(lp["pre_ffw_norm"]["scale"]),
-            "post_ffw_norm": _np(lp["post_ffw_norm"]["scale"]),
-            "query_norm": _np(attn["query_norm"]["scale"]),
-            "q": _np(attn["q_einsum"]["w"], dtype).transpose(0, 2, 1).reshape(n * h, d),
-            "o": _np(attn["attn_vec_einsum"]["w"], dtype).reshape(n * h, d).T.copy(),
-            "skip_scale": _np(lp["skip_scale"]),
-        }
-        if not cfg.is_kv_reader(i):
-            w["key_norm"] = _np(attn["key_norm"]["scale"])
-            if cfg.layer_k_eq_v(i):
-                w["k"] = _np(attn["k_einsum"]["w"], dtype).transpose(0, 2, 1).reshape(kh * h, d)
-            else:
-                kv = _np(attn["kv_einsum"]["w"], dtype)  # [2, K, D, H]
-                w["k"] = kv[0].transpose(0, 2, 1).reshape(kh * h, d)
-                w["v"] = kv[1].transpose(0, 2, 1).reshape(kh * h, d)
-        dense_mlp = lp["mlp2"] if cfg.num_experts else lp["mlp"]
-        w["gating"] = _np(dense_mlp["gating_einsum"], dtype).reshape(-1, d)  # [2F, D]
-        w["linear"] = _np(dense_mlp["linear"], dtype).T.copy()  # [D, F]
-        if cfg.num_experts:
-            moe = lp["mlp"]
-            e, f = cfg.num_experts, cfg.expert_hidden
-            w["router"] = _np(moe["router_logits"]["w"], dtype).T.copy()  # [E, D]
-            w["router_scale"] = _np(moe["router_scale"])
-            w["per_expert_scale"] = _np(moe["per_expert_scale"])
-            w["expert_gating"] = _np(moe["gating_einsum"]["w"], dtype).reshape(e * 2 * f, d)
-            w["expert_linear"] = _np(moe["linear"]["w"], dtype).reshape(e * f, d).T.copy()  # [D, E*F]
-            for name in ("pre_ffw2_norm", "post_ffw2_norm", "post_ffw1_norm"):
-                w[name] = _np(lp[name]["scale"])
-        if p:
-            w["ple_gate"] = _np(lp["per_layer_input_gate"]["w"], dtype).T.copy()  # [P, D]
-            w["ple_projection"] = _np(lp["per_layer_projection"]["w"], dtype).T.copy()  # [D, P]
-            w["post_per_layer_input_norm"] = _np(lp["post_per_layer_input_norm"]["scale"])
-        del lp
-        layers.append({name: prepare(f"layer_{i}.{name}", v) if name in MATRICES else v for name, v in w.items()})
-    table = plm = plnorm = None
-    if p:
-        if "per_layer_embeddings" in emb:
-            raw = emb.pop("per_layer_embeddings") if consume else emb["per_layer_embeddings"]
-            table = prepare("per_layer_table", raw)  # as stored: a quantizer reads it in row chunks
-            del raw
-        plm = _np(emb["per_layer_model_projection"]["w"], dtype).reshape(d, n_layers * p).T.copy()
-        plm = prepare("per_layer_model_projection", plm)
-        plnorm = _np(emb["per_layer_projection_norm"]["scale"])
-    embedding = _np(emb.pop("input_embedding") if consume else emb["input_embedding"], dtype)
-    return GraphWeights(
-        embedding=prepare("embedding", embedding),
-        lm_head=prepare("lm_head", embedding),
-        per_layer_table=table,
-        per_layer_model_projection=plm,
-        per_layer_projection_norm=plnorm,
-        final_norm=_np(params["final_norm"]["scale"]),
-        layers=layers,
-    )
+    source = params if isinstance(params, WeightSource) else TreeSource(config, params)
+    prepare = prepare or (lambda name, leaf, w: w)
+    out: Weights = {}
+    for leaf in param_spec.param_spec(config):
+        if leaf.unused:
+            continue
+        if leaf.quant == param_spec.SCALE:
+            out[leaf.name] = source.read(leaf, np.float32)
+            continue
+        value = source.read(leaf, dtype)
+        if leaf.quant == param_spec.PLE_TABLE:
+            out[leaf.name] = prepare(leaf.name, leaf, value.reshape(leaf.shape[0], -1))
+        elif leaf.quant == param_spec.EMBEDDING:
+            out[leaf.name] = prepare(leaf.name, leaf, value)
+            out[LM_HEAD] = prepare(LM_HEAD, leaf, value)
+        else:
+            # The dense-expert down projection sums over experts too: [D, E·F].
+            view = leaf.matrix(value, contract_batch="expert_mlp" in leaf.contracts)
+            out[leaf.name] = prepare(leaf.name, leaf, np.ascontiguousarray(view))
+        del value
+    return out
 
 
-# The [out, in] matrices of FULLY_CONNECTED ops, and those kept at >= 8 bits (the per-layer-input projections:
-# 4 bits there roughly doubles the error).
-MATRICES = (
-    "q",
-    "k",
-    "v",
-    "o",
-    "gating",
-    "linear",
-    "router",
-    "expert_gating",
-    "expert_linear",
-    "ple_gate",
-    "ple_projection",
-)
-PLE_MATRICES = ("ple_gate", "ple_projection")
-# Bits of the quantized lookup tables (embedding, PLE table): GATHER reads int8 rows, dequantized in the graph.
-TABLE_BITS = 8
 _CHUNK_ROWS = 4096  # rows quantized at once: bounds the float32 temporaries of big tables
 TABLE_PART_ELEMENTS = 2**30  # elements per stored block of a quantized table (the E2B PLE table has 2.3e9)
 
@@ -209,47 +131,29 @@ def quantize_rows(w: np.ndarray, bits: int, groups: int | None = None) -> Quanti
 
 
 def quantizer(config: Gemma4Config, bits: int, ple_bits: int):
-    """The `prepare` of a quantized export (see `graph_weights`): FULLY_CONNECTED weights at `bits` (the
-    per-layer-input projections at max(bits, ple_bits)), lookup tables int8 per row (the PLE table per row and
-    layer: its layers' rows differ in scale)."""
+    """The `prepare` of a quantized export (see `graph_weights`): FULLY_CONNECTED weights at the bits
+    `quant.policy.litert_bits` gives, lookup tables as int8 rows (the PLE table per row and layer: its layers'
+    rows differ in scale)."""
 
-    def prepare(name: str, w) -> Quantized:
-        if name == "embedding":
+    def prepare(name: str, leaf, w) -> Quantized:
+        if name == EMBEDDING:
             return quantize_rows(w, TABLE_BITS, groups=1)
-        if name == "per_layer_table":
+        if name == PLE_TABLE:
             return quantize_rows(w, TABLE_BITS, groups=config.num_layers)
-        ple = name == "per_layer_model_projection" or name.split(".")[-1] in PLE_MATRICES
-        return quantize_rows(w, max(bits, ple_bits) if ple else bits)
+        return quantize_rows(w, litert_bits(leaf, bits, ple_bits))
 
     return prepare
 
 
-def named_tensors(weights: GraphWeights) -> dict[str, object]:
-    """The big tensors by signature-input name: `layer_{i}.{q,k,...}`, `per_layer_model_projection`, `lm_head`
-    (FULLY_CONNECTED weights), `embedding`, `per_layer_table` (lookup tables)."""
-    out = {}
-    for i, w in enumerate(weights.layers):
-        out |= {f"layer_{i}.{name}": w[name] for name in MATRICES if name in w}
-    if weights.per_layer_model_projection is not None:
-        out["per_layer_model_projection"] = weights.per_layer_model_projection
-    out["lm_head"] = weights.lm_head
-    out["embedding"] = weights.embedding
-    if weights.per_layer_table is not None:
-        out["per_layer_table"] = weights.per_layer_table
-    return out
+def named_tensors(weights: Weights) -> dict[str, object]:
+    """The big tensors by signature-input name: every matrix (FULLY_CONNECTED weights, `LM_HEAD` included) and the
+    lookup tables `EMBEDDING`, `PLE_TABLE`; not the scale vectors."""
+    return {name: w for name, w in weights.items() if isinstance(w, Quantized) or np.ndim(w) >= 2}
 
 
-def with_tensors(weights: GraphWeights, tensors: dict[str, object]) -> GraphWeights:
+def with_tensors(weights: Weights, tensors: dict[str, object]) -> Weights:
     """`weights` with the named tensors (see `named_tensors`) replaced, e.g. by a signature's inputs."""
-    layers = [dict(w) for w in weights.layers]
-    top = {}
-    for name, value in tensors.items():
-        if name.startswith("layer_"):
-            i, key = name[len("layer_") :].split(".")
-            layers[int(i)][key] = value
-        else:
-            top[name] = value
-    return dataclasses.replace(weights, layers=layers, **top)
+    return {**weights, **tensors}
 
 
 def _linear(x: jax.Array, w) -> jax.Array:
@@ -297,31 +201,24 @@ def _feed_forward(x, gating, linear):
 
 
 def _moe(cfg: Gemma4Config, w, residual, x):
-    """Dense-expert MoE equal to `model.MoE` (routing on the un-normed residual; experts read `x`)."""
+    """Dense-expert MoE equal to `model.MoE` (routing on the un-normed residual; experts read `x`). `w(name)` is
+    the layer's weight of that official name."""
     d, e, f, top_k = cfg.embed_dim, cfg.num_experts, cfg.expert_hidden, cfg.num_experts_per_token
-    routed = _norm(residual, None, cfg.rms_norm_eps) * (jnp.asarray(w["router_scale"]) * d**-0.5)
-    probs = jax.nn.softmax(_linear(routed, w["router"]), axis=-1)  # [T, E]
+    routed = _norm(residual, None, cfg.rms_norm_eps) * (jnp.asarray(w("mlp/router_scale")) * d**-0.5)
+    probs = jax.nn.softmax(_linear(routed, w("mlp/router_logits/w")), axis=-1)  # [T, E]
     # Rank of each expert = how many experts beat it (ties go to the lower index, as lax.top_k orders them).
     above = probs[:, None, :] > probs[:, :, None]  # [T, e, j]: j beats e
     tied_lower = (probs[:, None, :] == probs[:, :, None]) & (jnp.arange(e)[None, :] < jnp.arange(e)[:, None])[None]
     rank = jnp.sum((above | tied_lower).astype(jnp.float32), axis=-1)
     chosen = jnp.where(rank < top_k, probs, 0.0)
-    weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * jnp.asarray(w["per_expert_scale"])
-    gate_up = _linear(x, w["expert_gating"]).reshape(x.shape[0], e, 2, f)
+    weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * jnp.asarray(w("mlp/per_expert_scale"))
+    gate_up = _linear(x, w("mlp/gating_einsum/w")).reshape(x.shape[0], e, 2, f)
     act = jax.nn.gelu(gate_up[:, :, 0], approximate=True) * gate_up[:, :, 1]  # [T, E, F]
-    return _linear((act * weights[:, :, None]).reshape(x.shape[0], e * f), w["expert_linear"])
-
-
-def cache_names(config: Gemma4Config) -> list[str]:
-    """Input/output names of the KV cache tensors, owners only (KV-shared readers have none)."""
-    names = []
-    for i in range(config.num_layers):
-        if not config.is_kv_reader(i):
-            names += [f"kv_cache_k_{i}", f"kv_cache_v_{i}"]
-    return names
+    return _linear((act * weights[:, :, None]).reshape(x.shape[0], e * f), w("mlp/linear/w"))
 
 
 def cache_shapes(config: Gemma4Config, cache_len: int) -> dict[str, tuple[int, ...]]:
+    """The runtime's KV cache tensors `kv_cache_{k,v}_{i}` [1, KVH, S, Dh] of the layers that own K/V."""
     shapes = {}
     for i in range(config.num_layers):
         if not config.is_kv_reader(i):
@@ -336,7 +233,7 @@ def embed(config: Gemma4Config, table, tokens):
     return (x * jnp.asarray(config.embed_scale, jnp.float32))[None]
 
 
-def step(config: Gemma4Config, weights: GraphWeights, tokens, input_pos, per_layer_rows, caches: dict, embeddings=None):
+def step(config: Gemma4Config, weights: Weights, tokens, input_pos, per_layer_rows, caches: dict, embeddings=None):
     """One prefill or decode call. tokens [1, T] int32 (or None and `embeddings` [1, T, D] from `embed`),
     input_pos [T] int32 (consecutive positions), per_layer_rows [1, T, L, P] (the PLE model's output) or None,
     caches {name: [1, K, S, H]}.
@@ -344,7 +241,7 @@ def step(config: Gemma4Config, weights: GraphWeights, tokens, input_pos, per_lay
     Returns ({"logits": [1, T, V]} | updated caches).
     """
     cfg, eps = config, config.rms_norm_eps
-    x = (embed(cfg, weights.embedding, tokens) if embeddings is None else embeddings)[0]  # [T, D]
+    x = (embed(cfg, weights[EMBEDDING], tokens) if embeddings is None else embeddings)[0]  # [T, D]
     t = x.shape[0]
     positions = input_pos[None, :]  # [1, T]
 
@@ -352,9 +249,9 @@ def step(config: Gemma4Config, weights: GraphWeights, tokens, input_pos, per_lay
     if cfg.per_layer_input_dim:
         n_layers, p = cfg.num_layers, cfg.per_layer_input_dim
         with jax.named_scope("per_layer_input_context"):
-            context = _linear(x, weights.per_layer_model_projection)
+            context = _linear(x, weights["embedder/per_layer_model_projection/w"])
         context = context.reshape(t, n_layers, p) * cfg.embed_dim**-0.5
-        context = _norm(context, weights.per_layer_projection_norm, eps)
+        context = _norm(context, weights["embedder/per_layer_projection_norm/scale"], eps)
         per_layer = (context + per_layer_rows[0]) * 2**-0.5  # [T, L, P]
 
     cache_len = next(iter(caches.values())).shape[2]
@@ -364,7 +261,10 @@ def step(config: Gemma4Config, weights: GraphWeights, tokens, input_pos, per_lay
     kv_of: dict[int, tuple] = {}
     sources = cfg.kv_source_layers
     for i, kind in enumerate(cfg.layer_types):
-        w = weights.layers[i]
+
+        def w(name, i=i):
+            return weights.get(f"layer_{i}/{name}")
+
         h, kh, n = cfg.layer_head_dim(i), cfg.layer_kv_heads(i), cfg.num_heads
         window = cfg.layer_window(i)
         if window not in masks:
@@ -374,13 +274,16 @@ def step(config: Gemma4Config, weights: GraphWeights, tokens, input_pos, per_lay
             if kind == GLOBAL
             else model.rope_inv_freq(h, cfg.local_rope_base)
         )
-        a = _norm(x, w["pre_attention_norm"], eps)
-        q = _norm(_linear(a, w["q"]).reshape(1, t, n, h), w["query_norm"], eps)
+        a = _norm(x, w("pre_attention_norm/scale"), eps)
+        q = _norm(_linear(a, w("attn/q_einsum/w")).reshape(1, t, n, h), w("attn/query_norm/scale"), eps)
         q = model.apply_rope(q, positions, inv_freq)[0]  # [T, N, H]
         if sources[i] == i:
-            k = _linear(a, w["k"]).reshape(1, t, kh, h)
-            v = k if "v" not in w else _linear(a, w["v"]).reshape(1, t, kh, h)
-            k = model.apply_rope(_norm(k, w["key_norm"], eps), positions, inv_freq)
+            if cfg.layer_k_eq_v(i):  # one projection read as K and as V
+                k = v = _linear(a, w("attn/k_einsum/w")).reshape(1, t, kh, h)
+            else:  # K and V from one [2·K·H, D] matrix
+                kv = _linear(a, w("attn/kv_einsum/w")).reshape(1, t, 2, kh, h)
+                k, v = kv[:, :, 0], kv[:, :, 1]
+            k = model.apply_rope(_norm(k, w("attn/key_norm/scale"), eps), positions, inv_freq)
             v = _norm(v, None, eps)
             start = (jnp.int32(0), jnp.int32(0), input_pos[0], jnp.int32(0))
             k_cache = jax.lax.dynamic_update_slice(caches[f"kv_cache_k_{i}"], k.transpose(0, 2, 1, 3), start)
@@ -389,25 +292,25 @@ def step(config: Gemma4Config, weights: GraphWeights, tokens, input_pos, per_lay
             kv_of[i] = (k_cache[0], v_cache[0])
         k_cache, v_cache = kv_of[sources[i]]
         attn = _attend(q.reshape(t, kh, n // kh, h), k_cache, v_cache, masks[window])
-        hres = x + _norm(_linear(attn, w["o"]), w["post_attention_norm"], eps)
+        hres = x + _norm(_linear(attn, w("attn/attn_vec_einsum/w")), w("post_attention_norm/scale"), eps)
 
-        if cfg.num_experts:
-            dense_out = _feed_forward(_norm(hres, w["pre_ffw2_norm"], eps), w["gating"], w["linear"])
-            routed = _moe(cfg, w, hres, _norm(hres, w["pre_ffw_norm"], eps))
-            f = _norm(dense_out, w["post_ffw2_norm"], eps) + _norm(routed, w["post_ffw1_norm"], eps)
+        if cfg.num_experts:  # official names are crossed: `mlp2` is the dense MLP, `mlp` the MoE
+            dense = _feed_forward(_norm(hres, w("pre_ffw2_norm/scale"), eps), w("mlp2/gating_einsum"), w("mlp2/linear"))
+            routed = _moe(cfg, w, hres, _norm(hres, w("pre_ffw_norm/scale"), eps))
+            f = _norm(dense, w("post_ffw2_norm/scale"), eps) + _norm(routed, w("post_ffw1_norm/scale"), eps)
         else:
-            f = _feed_forward(_norm(hres, w["pre_ffw_norm"], eps), w["gating"], w["linear"])
-        hres = hres + _norm(f, w["post_ffw_norm"], eps)
+            f = _feed_forward(_norm(hres, w("pre_ffw_norm/scale"), eps), w("mlp/gating_einsum"), w("mlp/linear"))
+        hres = hres + _norm(f, w("post_ffw_norm/scale"), eps)
 
         if per_layer is not None:
             with jax.named_scope(f"per_layer_input_{i}"):  # quantization recipes keep these at 8 bits
-                g = jax.nn.gelu(_linear(hres, w["ple_gate"]), approximate=True) * per_layer[:, i]
-                u = _linear(g, w["ple_projection"])
-            hres = hres + _norm(u, w["post_per_layer_input_norm"], eps)
-        x = hres * jnp.asarray(w["skip_scale"])
+                g = jax.nn.gelu(_linear(hres, w("per_layer_input_gate/w")), approximate=True) * per_layer[:, i]
+                u = _linear(g, w("per_layer_projection/w"))
+            hres = hres + _norm(u, w("post_per_layer_input_norm/scale"), eps)
+        x = hres * jnp.asarray(w("skip_scale"))
 
-    x = _norm(x, weights.final_norm, eps)
-    logits = _linear(x, weights.lm_head)  # the tied embedding: [T, V]
+    x = _norm(x, weights["final_norm/scale"], eps)
+    logits = _linear(x, weights[LM_HEAD])  # the tied embedding: [T, V]
     if cfg.final_logit_softcap is not None:
         logits = jax.lax.optimization_barrier(logits)
         logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap

@@ -1,4 +1,5 @@
-"""`gemma4-jax` command line: generate, logits, info.
+"""`gemma4-jax`: the command line. It only parses arguments and calls the library (`gemma4_jax.api` and the task
+functions); every check of what the arguments mean lives there.
 
 Bad input ends with one line `gemma4-jax: error: ...` and exit status 2 (`--debug` shows the traceback).
 """
@@ -6,17 +7,95 @@ Bad input ends with one line `gemma4-jax: error: ...` and exit status 2 (`--debu
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import math
 import os
 import sys
-import time
 
-DEMO_VARIANT = "tiny"
-_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "f32": "float32"}
+RANDOM = "random weights (no --checkpoint)"
 
 
-def _parse_token_ids(text: str, what: str) -> list[int]:
+# ----- shared arguments --------------------------------------------------------------------------------------
+
+
+def _source_args(p: argparse.ArgumentParser, *, dtype: str | None, ple: bool, random: bool = True) -> None:
+    """--checkpoint (and --variant/--config to force its config, or to pick random weights), and where they apply
+    --dtype, --ple, --init-seed."""
+    p.add_argument(
+        "--checkpoint",
+        help="official orbax (Flax), HF or quantized directory, kaggle:OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION], "
+        "or hf:OWNER/NAME[@REVISION]",
+    )
+    forced = "with --checkpoint: force this variant (default: recognised from the tensor shapes)"
+    p.add_argument(
+        "--variant",
+        help=forced + ("; without: random weights of a preset (e2b, e4b, 31b, 26b_a4b, tiny, ...)" if random else ""),
+    )
+    p.add_argument("--config", help="HF-style config.json for sizes other than the presets (with/without --checkpoint)")
+    if dtype is not None:
+        p.add_argument("--dtype", help=f"parameter/compute dtype: bfloat16 (bf16) or float32 (f32); default {dtype}")
+    if random:
+        p.add_argument("--init-seed", type=int, help="seed of random weights (without --checkpoint; default 0)")
+    if ple:
+        p.add_argument(
+            "--ple",
+            default="device",
+            help="where the Per-Layer-Embedding table lives: device (default), host (RAM) or mmap (memory-mapped from "
+            "the HF checkpoint's safetensors file); off the device only each token's rows are sent",
+        )
+
+
+def _random_seed(args) -> int:
+    from gemma4_jax.errors import Gemma4Error
+
+    seed = getattr(args, "init_seed", None)
+    if seed is not None and args.checkpoint:
+        raise Gemma4Error("--init-seed applies to random weights, not to --checkpoint")
+    return 0 if seed is None else seed
+
+
+def _open(args, random: bool = True):
+    """The WeightSource of --checkpoint / --variant / --config."""
+    from gemma4_jax import sources
+    from gemma4_jax.errors import Gemma4Error
+
+    if not args.checkpoint and not random:
+        raise Gemma4Error("give --checkpoint (this command needs real weights)")
+    return sources.open_source(
+        args.checkpoint, variant=args.variant, config_file=args.config, init_seed=_random_seed(args)
+    )
+
+
+def _load(args, default_dtype: str, tokenizer: str | None = None):
+    from gemma4_jax import api
+
+    return api.load(
+        args.checkpoint,
+        dtype=getattr(args, "dtype", None),
+        ple=getattr(args, "ple", "device"),
+        variant=args.variant,
+        config=args.config,
+        init_seed=_random_seed(args),
+        tokenizer=tokenizer,
+        default_dtype=default_dtype,
+    )
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    # Defaults are the ones the official checkpoints ship in generation_config.json (spec §3.6).
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=64, help="default 64")
+    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def _sampling(args):
+    from gemma4_jax.sampler import SamplingConfig
+
+    return SamplingConfig(args.temperature, args.top_k, args.top_p)
+
+
+def _token_ids(text: str, what: str) -> list[int]:
     from gemma4_jax.errors import Gemma4Error
 
     parts = [p for p in text.replace(",", " ").split() if p]
@@ -25,129 +104,107 @@ def _parse_token_ids(text: str, what: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def load_tokenizer_for(args, required: bool = True):
-    """The tokenizer from --tokenizer, else from the checkpoint directory; None if there is none and it is
-    not required."""
+def _text(value: str, what: str) -> str:
+    """A command-line string that must be valid UTF-8 (undecodable bytes arrive as surrogate escapes)."""
     from gemma4_jax.errors import Gemma4Error
-    from gemma4_jax.tokenizer import load_tokenizer
 
-    path = getattr(args, "tokenizer", None) or getattr(args, "checkpoint_dir", None) or args.checkpoint
-    if path is None or not os.path.exists(path):
-        if not required:
-            return None
-        if path is None:
-            raise Gemma4Error("text needs a tokenizer: give --checkpoint DIR with one, or --tokenizer PATH")
-        raise Gemma4Error(f"tokenizer path not found: {path}")
     try:
-        return load_tokenizer(path)
-    except Gemma4Error:
-        if required:
-            raise
-        return None
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Gemma4Error(f"{what} is not valid UTF-8 text") from None
+    return value
 
 
-class TextStream:
-    """Prints generated tokens as text as they arrive, holding back incomplete UTF-8 byte sequences."""
-
-    def __init__(self, tokenizer, out=None):
-        self.tokenizer, self.out = tokenizer, out or sys.stdout
-        self.ids: list[int] = []
-        self.printed = 0
-
-    def __call__(self, row: int, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):  # a byte-fallback character still missing bytes
-            self.out.write(text[self.printed :])
-            self.out.flush()
-            self.printed = len(text)
+def _print(line: str) -> None:
+    print(line, flush=True)
 
 
-def load_model(args, default_dtype: str):
-    """(config, params, description) from --checkpoint, --variant, or the built-in demo model."""
-    import jax.numpy as jnp
-
-    from gemma4_jax import config, model, ple, quant, sources
-
-    dtype = jnp.dtype(_DTYPES[args.dtype or default_dtype])
-    ple_mode = getattr(args, "ple", "device")  # host/mmap: the PLE table leaf becomes a ple.HostPLE
-    if args.checkpoint and quant.is_quantized_checkpoint(args.checkpoint):  # written by `gemma4-jax quantize`
-        args.checkpoint_dir = args.checkpoint
-        cfg, params = quant.load_quantized(args.checkpoint, dtype if args.dtype else None)
-        return cfg, params, f"quantized checkpoint {args.checkpoint}"
-    if args.checkpoint:
-        # orbax/HF directory, kaggle:..., hf:...; checkpoint_dir: the local directory with its tokenizer files
-        cfg, params, args.checkpoint_dir = sources.load_checkpoint(
-            args.checkpoint, dtype, variant=args.variant, config_file=getattr(args, "config", None), progress=True
-        )
-        return cfg, ple.place_table(cfg, params, ple_mode, args.checkpoint_dir), f"checkpoint {args.checkpoint}"
-    cfg = sources.given_config(args.variant, getattr(args, "config", None)) or config.get_config(DEMO_VARIANT)
-    params = ple.place_table(cfg, model.init_params(cfg, args.init_seed, dtype), ple_mode)
-    return cfg, params, f"random weights (variant {cfg.name}, seed {args.init_seed})"
+# ----- generate, chat, logits, info, memory ------------------------------------------------------------------
 
 
 def cmd_generate(args) -> int:
     from gemma4_jax.errors import Gemma4Error
-    from gemma4_jax.sampler import DEFAULT_STOP_TOKENS, Sampler, SamplingConfig
+    from gemma4_jax.sampler import DEFAULT_STOP_TOKENS
 
-    demo = not args.checkpoint and not args.variant
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     if args.prompt is not None and args.prompt_ids is not None:
         raise Gemma4Error("give --prompt (text) or --prompt-ids, not both")
-    tokenizer = load_tokenizer_for(args, required=args.prompt is not None or args.chat)
+    if args.chat and args.prompt is None:
+        raise Gemma4Error("--chat wraps a text --prompt in a user turn")
+    sampling = _sampling(args)
+    stop = DEFAULT_STOP_TOKENS if args.stop is None else _token_ids(args.stop, "--stop") if args.stop else ()
     if args.prompt is not None:
-        messages = [{"role": "user", "content": args.prompt}]
-        prompt = (
-            tokenizer.encode_chat(messages, add_generation_prompt=True)
-            if args.chat
-            else tokenizer.encode(args.prompt, add_bos=True)
-        )
+        if not args.checkpoint and not args.tokenizer:  # before any weights are made
+            raise Gemma4Error("text needs a tokenizer: give --checkpoint DIR with one, or --tokenizer PATH")
+        prompt = _text(args.prompt, "--prompt")
     else:
-        prompt = _parse_token_ids(args.prompt_ids or "2", "--prompt-ids")
-    cfg, params, source = load_model(args, "bfloat16")
-    stop = DEFAULT_STOP_TOKENS if args.stop is None else _parse_token_ids(args.stop, "--stop") if args.stop else ()
-    sampler = Sampler(cfg, params, sampling, stop_tokens=stop)
-    sampler.validate([prompt], args.max_new_tokens)
-    if demo:
-        print(
-            f"gemma4-jax demo: a {cfg.num_layers}-layer Gemma 4 with random weights and every E2B feature on "
-            f"(PLE, sliding window {cfg.sliding_window} + global layers, KV sharing, p-RoPE, soft-cap).\n"
+        prompt = _token_ids(args.prompt_ids or "2", "--prompt-ids")
+    model = _load(args, "bfloat16", args.tokenizer)
+    if not args.checkpoint and not args.variant and not args.config:
+        _print(
+            f"gemma4-jax demo: a {model.config.num_layers}-layer Gemma 4 with random weights and every E2B feature on "
+            f"(PLE, sliding window {model.config.sliding_window} + global layers, KV sharing, p-RoPE, soft-cap).\n"
             "Real weights: gemma4-jax generate --checkpoint DIR (an HF directory with config.json + *.safetensors)."
         )
-    print(f"model: {source}; prompt: {len(prompt)} tokens; sampling: {sampling}")
+    ids = model.encode(prompt, chat=args.chat)
+    _print(f"model: {model.source}; prompt: {len(ids)} tokens; sampling: {sampling}")
+    as_text = isinstance(prompt, str)
+
+    def write(text):
+        print(text, end="", flush=True)
 
     def print_id(row, token):
         print(token, end=" ", flush=True)
 
-    on_token = TextStream(tokenizer) if tokenizer is not None and args.prompt_ids is None else print_id
-    result = sampler.generate([prompt], args.max_new_tokens, seed=args.seed, on_token=on_token)
-    n = len(result.tokens[0])
+    if as_text:
+        result = model.generate(
+            ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=stop, seed=args.seed, on_text=write
+        )
+        generation = result.generation
+    else:
+        sampler = model.sampler(sampling, stop)
+        sampler.validate([ids], args.max_new_tokens)
+        generation = sampler.generate([ids], args.max_new_tokens, seed=args.seed, on_token=print_id)
     print()
-    rate = result.decode_steps / result.decode_seconds if result.decode_steps else float("nan")
-    print(
-        f"generated {n} tokens ({result.finish_reasons[0]}): compile {result.compile_seconds:.1f} s, "
-        f"prefill {result.prefill_seconds:.2f} s, decode {rate:.1f} tok/s"
+    rate = generation.decode_steps / generation.decode_seconds if generation.decode_steps else float("nan")
+    _print(
+        f"generated {len(generation.tokens[0])} tokens ({generation.finish_reasons[0]}): compile "
+        f"{generation.compile_seconds:.1f} s, prefill {generation.prefill_seconds:.2f} s, decode {rate:.1f} tok/s"
     )
     return 0
 
 
-def cmd_chat(args) -> int:
-    """A multi-turn terminal chat: each turn re-renders the conversation with the chat template and streams
-    the answer. Commands: /reset, /quit (or end of input)."""
+def _read_line(prompt: str) -> str | None:
+    """A line from stdin (None at its end); undecodable bytes are an error for that line, not a crash."""
     from gemma4_jax.errors import Gemma4Error
-    from gemma4_jax.sampler import DEFAULT_STOP_TOKENS, Sampler, SamplingConfig
 
-    tokenizer = load_tokenizer_for(args)
-    cfg, params, source = load_model(args, "bfloat16")
-    sampler = Sampler(cfg, params, SamplingConfig(args.temperature, args.top_k, args.top_p), DEFAULT_STOP_TOKENS)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    try:
+        line = input(prompt)
+    except EOFError:
+        return None
+    except UnicodeDecodeError:
+        raise Gemma4Error("the input is not valid UTF-8 text") from None
+    return _text(line, "the input")
+
+
+def cmd_chat(args) -> int:
+    """A multi-turn terminal chat: each turn re-renders the conversation with the chat template and streams the
+    answer. Commands: /reset, /quit (or end of input)."""
+    from gemma4_jax.errors import Gemma4Error
+
+    sampling = _sampling(args)
+    system = [{"role": "system", "content": _text(args.system, "--system")}] if args.system else []
+    model = _load(args, "bfloat16", args.tokenizer)
+    model.require_tokenizer()
     messages = list(system)
-    print(f"model: {source}. Type a message; /reset starts over, /quit or Ctrl-D ends.", file=sys.stderr)
+    print(f"model: {model.source}. Type a message; /reset starts over, /quit or Ctrl-D ends.", file=sys.stderr)
     turn = 0
     while True:
         try:
-            line = input("you> ")
-        except EOFError:
+            line = _read_line("you> ")
+        except Gemma4Error as e:
+            print(f"gemma4-jax: {e}", file=sys.stderr)
+            continue
+        if line is None:
             print(file=sys.stderr)
             return 0
         if line.strip() == "/quit":
@@ -158,66 +215,58 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        prompt = tokenizer.encode_chat(messages, add_generation_prompt=True, enable_thinking=args.thinking)
+        print("model> ", end="", flush=True)
         try:
-            sampler.validate([prompt], args.max_new_tokens)
+            result = model.generate(
+                messages,
+                max_new_tokens=args.max_new_tokens,
+                sampling=sampling,
+                enable_thinking=args.thinking,
+                seed=args.seed + turn,
+                on_text=lambda text: print(text, end="", flush=True),
+            )
         except Gemma4Error as e:
             messages.pop()
-            print(f"gemma4-jax: {e} (/reset to start over)", file=sys.stderr)
+            print(f"\ngemma4-jax: {e} (/reset to start over)", file=sys.stderr)
             continue
-        print("model> ", end="", flush=True)
-        stream = TextStream(tokenizer)
-        result = sampler.generate([prompt], args.max_new_tokens, seed=args.seed + turn, on_token=stream)
         print()
-        messages.append({"role": "assistant", "content": tokenizer.decode(result.tokens[0], skip_special=True)})
+        messages.append({"role": "assistant", "content": model.tokenizer.decode(result.tokens, skip_special=True)})
         turn += 1
 
 
 def cmd_logits(args) -> int:
-    import jax
+    import time
+
     import numpy as np
 
-    from gemma4_jax import checkpoint, model
-    from gemma4_jax.errors import Gemma4Error
-    from gemma4_jax.sampler import check_token_ids
+    from gemma4_jax import files
 
-    tokens = _parse_token_ids(args.tokens, "--tokens")
-    cfg, params, source = load_model(args, "float32")
-    if len(tokens) > cfg.max_context:
-        raise Gemma4Error(f"{len(tokens)} tokens exceed the {cfg.max_context}-token context of {cfg.name}")
-    check_token_ids(cfg, tokens, "--tokens")
-    start = time.perf_counter()
-    logits, _ = jax.jit(model.apply, static_argnames=("config",))(params, np.asarray([tokens]), config=cfg)
-    logits = np.asarray(logits[0], np.float32)
+    tokens = _token_ids(args.tokens, "--tokens")
     out = args.out if args.out.endswith(".npy") else args.out + ".npy"
-    directory = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(directory):
-        raise Gemma4Error(f"output directory does not exist: {directory}")
-    checkpoint.atomic_write(out, lambda tmp: np.save(tmp, logits))  # tmp ends in .npy too
-    print(
-        f"wrote {out}: float32 {list(logits.shape)} logits of {source} "
+    files.check_output(out)
+    model = _load(args, "float32")
+    start = time.perf_counter()
+    logits = model.logits(tokens)
+    with files.atomic_output(out) as tmp, open(tmp, "wb") as f:
+        np.save(f, logits)
+    _print(
+        f"wrote {out}: float32 {list(logits.shape)} logits of {model.source} "
         f"({os.path.getsize(out) / 2**20:.1f} MiB, {time.perf_counter() - start:.2f} s)"
     )
     return 0
 
 
 def cmd_info(args) -> int:
-    from gemma4_jax import config, model, sources
+    from gemma4_jax import config, model, param_spec, sources
 
-    if args.checkpoint:  # orbax: the variant is recognised from the tensor metadata, nothing is read
-        cfg = sources.checkpoint_config(args.checkpoint)
+    if args.checkpoint:  # only metadata is read (headers, config.json, orbax metadata)
+        cfg = sources.open_source(args.checkpoint).config
     else:
-        cfg = config.get_config(args.variant or DEMO_VARIANT)
-    shapes = model.param_shapes(cfg)
-    total = model.count_params(shapes)
-    embedder = shapes["embedder"]
-    ple = model.count_params(embedder.get("per_layer_embeddings", {}))
-    unused = sum(
-        model.count_params(shapes[f"layer_{i}"]["attn"].get(k, {}))
-        for i in range(cfg.num_layers)
-        if cfg.is_kv_reader(i)
-        for k in ("kv_einsum", "k_einsum", "key_norm")
-    )
+        cfg = config.get_config(args.variant or sources.DEMO_VARIANT)
+    spec = param_spec.param_spec(cfg)
+    total = sum(math.prod(leaf.shape) for leaf in spec)
+    unused = sum(math.prod(leaf.shape) for leaf in spec if leaf.unused)
+    ple = sum(math.prod(leaf.shape) for leaf in spec if leaf.quant == param_spec.PLE_TABLE)
     info = {
         "variant": cfg.name,
         "layers": f"{cfg.num_layers} ({cfg.layer_string})",
@@ -247,46 +296,194 @@ def cmd_info(args) -> int:
     return 0
 
 
-def add_model_args(p: argparse.ArgumentParser, dtype_default: str) -> None:
-    """--checkpoint / --variant / --dtype / --init-seed / --ple, read by `load_model`."""
+def cmd_memory(args) -> int:
+    from gemma4_jax import memory
+
+    result = memory.plan(args.variant, args.quant, args.context, args.batch, args.ple, args.text_only)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else memory.format_plan(result))
+    return 0
+
+
+# ----- convert, quantize, eval-quant, export ------------------------------------------------------------------
+
+
+def cmd_convert(args) -> int:
+    from gemma4_jax import convert
+
+    _print(convert.convert(_open(args, random=False), args.out, args.to, layout=args.layout, text_only=args.text_only))
+    return 0
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    from gemma4_jax.quant.codecs import FORMATS
+
+    p.add_argument("--format", required=True, choices=FORMATS, help="quantization format of the weight matrices")
     p.add_argument(
-        "--checkpoint",
-        help="official orbax (Flax) or HF directory, kaggle:OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION], "
-        "or hf:OWNER/NAME",
+        "--block",
+        default=None,
+        help="int8/int4: elements per scale along the contraction axis, or 'channel' "
+        "(default: int4 32, int8 channel); Q8_0/Q4_0 always use ggml's 32",
     )
     p.add_argument(
-        "--variant",
-        help="with --checkpoint: force this variant (default: recognised from the tensor shapes); without: random "
-        f"weights of a preset (e2b, e4b, 31b, 26b_a4b, tiny, ...); default: the {DEMO_VARIANT} demo",
-    )
-    p.add_argument("--config", help="HF-style config.json for sizes other than the presets (with/without --checkpoint)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help=f"parameter/compute dtype (default {dtype_default})")
-    p.add_argument("--init-seed", type=int, default=0, help="seed of random weights (--variant / demo)")
-    p.add_argument(
-        "--ple",
-        choices=("device", "host", "mmap"),
-        default="device",
-        help="where the Per-Layer-Embedding table lives: device memory (default), host RAM, or memory-mapped from "
-        "the checkpoint's safetensors file (mmap); off the device only each token's rows are sent",
+        "--override",
+        action="append",
+        default=[],
+        metavar="PATTERN=SPEC",
+        help="per-tensor choice before the defaults, e.g. 'embedder/per_layer_embeddings=int4/32' or "
+        "'layer_*/mlp/linear=float' (fnmatch on the parameter path; repeatable)",
     )
 
 
-def sampling_args(p: argparse.ArgumentParser) -> None:
-    # Defaults are the ones the official checkpoints ship in generation_config.json (spec §3.6).
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=64, help="default 64")
-    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+def _policy(args):
+    from gemma4_jax.quant.policy import JaxPolicy
+
+    return JaxPolicy.parse(args.format, args.block, args.override)
 
 
-# Modules that add subcommands: each has `register(subparsers)` and imports its heavy dependencies lazily.
-_COMMAND_MODULES: tuple[str, ...] = (
-    "gemma4_jax.export.cli",
-    "gemma4_jax.convert",
-    "gemma4_jax.memory",
-    "gemma4_jax.quant_cli",
-    "gemma4_jax.train.cli",
-)
+def cmd_quantize(args) -> int:
+    from gemma4_jax import api, files
+    from gemma4_jax.quant.checkpoint import quantize
+
+    policy = _policy(args)
+    dtype = api.parse_dtype(args.dtype or "bfloat16")
+    files.check_output(args.output, directory=True)
+    source = _open(args)
+    files.log(f"quantizing {source.description} to {args.format} -> {args.output}")
+    summary = quantize(source, args.output, policy, dtype=dtype)
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["tensors"].items()))
+    before, after = summary["bytes_before"], summary["bytes_after"]
+    _print(
+        f"wrote {args.output}: {source.config.name} in {args.format}, {files.human_bytes(after)} (from "
+        f"{files.human_bytes(before)}, {before / max(1, after):.2f}x smaller; tensors: {kinds}) in "
+        f"{summary['seconds']:.1f} s"
+    )
+    return 0
+
+
+def cmd_eval_quant(args) -> int:
+    from gemma4_jax import files
+    from gemma4_jax.errors import Gemma4Error
+    from gemma4_jax.quant.evaluate import eval_quant
+
+    policy = _policy(args)
+    path = args.text or args.tokens
+    content = files.read_text(path)
+    model = _load(args, "float32", args.tokenizer)
+    if args.text:
+        tokens = model.require_tokenizer().encode(content, add_bos=True)
+    else:
+        tokens = _token_ids(content, f"{path}")
+    if args.max_tokens < 0:
+        raise Gemma4Error(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.max_tokens:
+        tokens = tokens[: args.max_tokens]
+    report = eval_quant(model, policy, tokens, args.context, log=files.log)
+    bytes_f, bytes_q = report.bytes_float, report.bytes_quantized
+    rows = [
+        ("model", model.source),
+        ("tokens scored", f"{report.tokens_scored} (windows of {report.context})"),
+        ("perplexity float", f"{report.perplexity_float:.4f}"),
+        (f"perplexity {args.format}", f"{report.perplexity_quantized:.4f}"),
+        ("KL(float || quantized) / token", f"{report.kl_per_token:.6f} nats"),
+        ("top-1 agreement", f"{report.top1_agreement:.4f}"),
+        ("weight bytes float", f"{bytes_f:,} ({files.human_bytes(bytes_f)})"),
+        (f"weight bytes {args.format}", f"{bytes_q:,} ({files.human_bytes(bytes_q)}, {bytes_f / bytes_q:.2f}x less)"),
+        ("quantize time", f"{report.quantize_seconds:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_export_gguf(args) -> int:
+    from gemma4_jax.export.gguf import export_gguf
+    from gemma4_jax.files import check_output
+
+    check_output(args.output)
+    _print(export_gguf(_open(args), args.output, quant=args.quant, tokenizer_dir=args.tokenizer))
+    return 0
+
+
+def cmd_export_litert(args) -> int:
+    from gemma4_jax.export.litert import export_litert
+    from gemma4_jax.files import check_output
+
+    check_output(args.output, directory=True)
+    summary = export_litert(
+        _open(args),
+        args.output,
+        quant=args.quant,
+        ple_bits=args.ple_bits,
+        prefill_len=args.prefill_len,
+        cache_len=args.cache_len,
+        tokenizer_dir=args.tokenizer,
+    )
+    _print(summary)
+    return 0
+
+
+# ----- finetune, merge -----------------------------------------------------------------------------------------
+
+
+def cmd_finetune(args) -> int:
+    from gemma4_jax import api
+    from gemma4_jax.errors import Gemma4Error, require_packages
+    from gemma4_jax.hf_format import HFSource, text_prefix
+    from gemma4_jax.train import data, finetune, loop, lora
+
+    require_packages("optax", "orbax.checkpoint", extra="train", what="finetune")
+    lora_config = lora.LoraConfig(args.rank, args.alpha, args.dropout, tuple(t for t in args.targets.split(",") if t))
+    train_config = loop.TrainConfig(
+        steps=args.steps,
+        batch=args.batch,
+        accumulation=args.grad_accum,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        clip_norm=args.clip,
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        remat=args.remat,
+    )
+    source = _open(args)
+    if not (args.tokenizer or source.directory):
+        raise Gemma4Error("--tokenizer DIR is needed with random weights (no checkpoint to read it from)")
+    model_tokenizer = api.load_tokenizer_of(args.tokenizer or source.directory, required=True)
+    dataset = data.load_dataset(args.data, model_tokenizer, args.seq_len)  # bad data fails before loading weights
+    model = api.load(source, dtype=args.dtype, tokenizer=args.tokenizer)
+    prefix = text_prefix(source.files.names()) if isinstance(source, HFSource) else "model."
+    summary = finetune.finetune(
+        model,
+        dataset,
+        args.output,
+        lora_config=lora_config,
+        train_config=train_config,
+        quantize=args.quantize,
+        eval_fraction=args.eval_fraction,
+        resume=args.resume,
+        base_model=args.checkpoint,
+        text_prefix=prefix,
+    )
+    _print(summary)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from gemma4_jax.files import check_output
+    from gemma4_jax.train.merge import merge
+
+    check_output(args.output, directory=True)
+    _print(merge(_open(args), args.adapter, args.output, dtype=args.dtype))
+    return 0
+
+
+# ----- the parser ----------------------------------------------------------------------------------------------
+
+# = lora.DEFAULT_TARGETS (repeated so that building the parser does not import jax)
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,42 +492,194 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt.")
-    add_model_args(g, "bfloat16")
+    _source_args(g, dtype="bfloat16", ple=True)
     g.add_argument("--prompt", help="prompt text (encoded with the checkpoint's tokenizer, one <bos> first)")
     g.add_argument("--prompt-ids", help="prompt as token ids instead, e.g. 2,651,6037 (default: 2, i.e. <bos>)")
     g.add_argument("--chat", action="store_true", help="wrap --prompt in a user turn of the chat template")
     g.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json or its directory (default: the checkpoint)")
     g.add_argument("--max-new-tokens", type=int, default=32)
-    sampling_args(g)
+    _sampling_args(g)
     g.add_argument("--stop", default=None, help="stop token ids (default 1,106,50; empty string: none)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="multi-turn chat in the terminal", description=cmd_chat.__doc__)
-    add_model_args(c, "bfloat16")
+    _source_args(c, dtype="bfloat16", ple=True)
     c.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json or its directory (default: the checkpoint)")
     c.add_argument("--system", help="system prompt")
     c.add_argument("--thinking", action="store_true", help="enable thinking (<|think|> in the system turn)")
     c.add_argument("--max-new-tokens", type=int, default=512)
-    sampling_args(c)
+    _sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
     lg = sub.add_parser(
-        "logits", help="write full-forward logits to .npy", description="Write float32 [T, vocab] logits."
+        "logits",
+        help="write full-forward logits to .npy",
+        description="Write float32 [T, vocab] logits. The default dtype is float32 where it fits, else bfloat16.",
     )
-    add_model_args(lg, "float32")
+    _source_args(lg, dtype="float32", ple=True)
     lg.add_argument("--tokens", required=True, help="token ids, e.g. 2,15,27")
     lg.add_argument("--out", required=True, help="output .npy file")
     lg.set_defaults(func=cmd_logits)
 
     info = sub.add_parser("info", help="config and parameter counts", description="Print config and sizes.")
     src = info.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="HF or orbax directory, kaggle:... or hf:...")
+    src.add_argument("--checkpoint", help="HF, orbax or quantized directory, kaggle:... or hf:...")
     src.add_argument("--variant", help="preset name")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
-    for module in _COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
+    from gemma4_jax.memory import PLE_PLACES, QUANT_BYTES_PER_WEIGHT, VARIANTS
+
+    m = sub.add_parser(
+        "memory",
+        help="weight and KV-cache bytes of a variant, on the device and on the host",
+        description="Weights by part (PLE table, token embedding, decoder, vision, audio) in a quantization "
+        "format, the W-capped KV cache, and the totals on the device and on the host. No weights are needed.",
+    )
+    m.add_argument("--variant", required=True, choices=VARIANTS)
+    m.add_argument("--quant", choices=tuple(QUANT_BYTES_PER_WEIGHT), default="bf16", help="weight format")
+    m.add_argument("--context", type=int, default=4096, help="KV-cache length in tokens (default 4096)")
+    m.add_argument("--batch", type=int, default=1)
+    m.add_argument("--ple", choices=tuple(PLE_PLACES), default="device", help="where the PLE table lives")
+    m.add_argument("--text-only", action="store_true", help="leave out the vision and audio encoders")
+    m.add_argument("--json", action="store_true", help="machine-readable output (exact bytes)")
+    m.set_defaults(func=cmd_memory)
+
+    cv = sub.add_parser(
+        "convert",
+        help="convert between official orbax (Flax) and HF safetensors checkpoints",
+        description="Convert a checkpoint between the official orbax (Flax) layout and HF safetensors, "
+        "losslessly (values and dtypes as stored). Tokenizer files travel along.",
+    )
+    _source_args(cv, dtype=None, ple=False, random=False)
+    cv.add_argument("--to", required=True, choices=("orbax", "hf"), help="output format")
+    cv.add_argument("-o", "--out", required=True, help="output directory (must not exist yet)")
+    cv.add_argument(
+        "--layout",
+        choices=("nested", "flat"),
+        default="nested",
+        help="orbax output layout: nested = the Flax param tree (default), flat = transformer/... keys",
+    )
+    cv.add_argument(
+        "--text-only",
+        action="store_true",
+        help="convert only the text decoder when the source also has vision/audio encoder weights",
+    )
+    cv.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser(
+        "quantize",
+        help="write a quantized checkpoint (sfp8, int8, int4, q8_0, q4_0)",
+        description="Quantize a checkpoint into a new directory that `generate --checkpoint` loads. Defaults: "
+        "norms, scalars and the MoE router stay float; under int4/q4_0 the PLE projections, the token embedding "
+        "and the PLE table use 8 bits.",
+    )
+    _source_args(q, dtype="bfloat16", ple=False)
+    _policy_args(q)
+    q.add_argument("-o", "--output", required=True, help="new (or empty) output directory")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser(
+        "eval-quant",
+        help="perplexity, KL and top-1 agreement of a quantized model against the float one",
+        description="Score a text with the float model and its quantized version.",
+    )
+    _source_args(e, dtype="float32", ple=True)
+    _policy_args(e)
+    text = e.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="UTF-8 text file (tokenized with the checkpoint's or --tokenizer's tokenizer)")
+    text.add_argument("--tokens", help="file of token ids separated by whitespace or commas")
+    e.add_argument("--tokenizer", help="tokenizer directory/file (default: the checkpoint directory)")
+    e.add_argument("--context", type=int, default=512, help="tokens per scored window (default 512)")
+    e.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")
+    e.set_defaults(func=cmd_eval_quant)
+
+    export = sub.add_parser("export", help="export a checkpoint for another runtime")
+    formats = export.add_subparsers(dest="format", required=True)
+    from gemma4_jax.quant.policy import GGUF_QUANTS
+
+    eg = formats.add_parser("gguf", help="GGUF file that llama.cpp runs", description="GGUF file that llama.cpp runs")
+    _source_args(eg, dtype=None, ple=False)
+    eg.add_argument(
+        "--tokenizer",
+        help="directory with tokenizer.json (+ tokenizer_config.json, chat_template.jinja); default: --checkpoint",
+    )
+    eg.add_argument("--quant", default="f16", choices=GGUF_QUANTS, help="storage type of the weight matrices")
+    eg.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    eg.set_defaults(func=cmd_export_gguf)
+
+    el = formats.add_parser(
+        "litert", help="LiteRT .tflite models + .litertlm bundle", description="LiteRT .tflite models + .litertlm"
+    )
+    _source_args(el, dtype=None, ple=False)
+    el.add_argument("--quant", choices=("none", "int8", "int4"), default="none", help="weight quantization")
+    el.add_argument(
+        "--ple-bits",
+        type=int,
+        choices=(4, 8),
+        default=8,
+        help="bits of the per-layer-input projections under --quant int4 (default 8: 4 bits roughly doubles error)",
+    )
+    el.add_argument("--prefill-len", type=int, default=128, help="tokens per prefill call (default 128)")
+    el.add_argument("--cache-len", type=int, default=1024, help="KV cache length S (default 1024)")
+    el.add_argument("--tokenizer", help="directory with tokenizer.model (default: the checkpoint directory)")
+    el.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
+    el.set_defaults(func=cmd_export_litert)
+
+    ft = sub.add_parser(
+        "finetune",
+        help="train LoRA adapters on chat or text data",
+        description="Train LoRA adapters (base weights frozen; optionally quantized: QLoRA). Writes orbax "
+        "checkpoints, metrics.jsonl and the adapters in Hugging Face PEFT layout into -o DIR.",
+    )
+    _source_args(ft, dtype="bfloat16", ple=False)
+    ft.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help='training file (repeatable): JSONL of {"messages": [...]} chats or {"text": ...} documents, '
+        "or a .txt document. Malformed lines are errors; chats longer than --seq-len are dropped",
+    )
+    ft.add_argument("--tokenizer", help="tokenizer directory (default: the --checkpoint directory)")
+    ft.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of examples (default 0.05)")
+    ft.add_argument("--rank", type=int, default=16)
+    ft.add_argument("--alpha", type=float, default=32.0)
+    ft.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on the adapter input")
+    ft.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated module names (q_proj,...,down_proj, per_layer_input_gate, per_layer_projection) "
+        "or fnmatch patterns over full names like 'layers.1?.self_attn.*' (default: attention + MLP)",
+    )
+    ft.add_argument("--quantize", choices=("int8", "int4"), help="quantize the frozen base weights (QLoRA)")
+    ft.add_argument("--steps", type=int, default=100)
+    ft.add_argument("--batch", type=int, default=4, help="rows per micro-batch")
+    ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ft.add_argument("--seq-len", type=int, default=512, help="packed row length")
+    ft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (warmup, then cosine to 10 %%)")
+    ft.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10 %% of --steps, <= 100)")
+    ft.add_argument("--weight-decay", type=float, default=0.0)
+    ft.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
+    ft.add_argument("--save-every", type=int, default=50, help="checkpoint interval in steps")
+    ft.add_argument("--eval-every", type=int, default=50, help="eval interval in steps")
+    ft.add_argument("--seed", type=int, default=0, help="adapter init, data order and dropout")
+    ft.add_argument("--remat", action="store_true", help="recompute layers in the backward pass (less memory)")
+    ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in -o")
+    ft.add_argument("-o", "--output", required=True, help="output directory")
+    ft.set_defaults(func=cmd_finetune)
+
+    mg = sub.add_parser(
+        "merge",
+        help="fold LoRA adapters into a checkpoint",
+        description="Write base + adapters as a normal HF checkpoint (config.json + model.safetensors + tokenizer), "
+        "tensor by tensor.",
+    )
+    _source_args(mg, dtype="the source's", ple=False)
+    mg.add_argument(
+        "--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)"
+    )
+    mg.add_argument("-o", "--output", required=True, help="output checkpoint directory (must not exist)")
+    mg.set_defaults(func=cmd_merge)
     return parser
 
 
@@ -344,6 +693,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"gemma4-jax: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # one the library did not turn into a Gemma4Error: still one line naming the file
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"gemma4-jax: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        if args.debug:
+            raise
+        hint = "try --dtype bfloat16, --ple mmap or a quantized checkpoint"
+        print(f"gemma4-jax: error: out of memory ({hint})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gemma4-jax: interrupted", file=sys.stderr)

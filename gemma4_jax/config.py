@@ -70,6 +70,17 @@ class Gemma4Config:
 
     def __post_init__(self):
         problems = []
+        sizes = ("vocab_size", "embed_dim", "num_heads", "num_kv_heads", "ffw_hidden", "head_dim", "global_head_dim")
+        for name in (*sizes, "max_context"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        for name in ("per_layer_input_dim", "num_experts", "num_experts_per_token", "expert_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                problems.append(f"{name} must be an integer >= 0, got {value!r}")
+        if problems:
+            raise Gemma4Error(f"invalid config {self.name!r}: " + "; ".join(problems))
         if not self.layer_types or any(t not in (LOCAL, GLOBAL) for t in self.layer_types):
             problems.append(f"layer_types must be a non-empty sequence of {LOCAL!r}/{GLOBAL!r}")
         elif self.layer_types[-1] != GLOBAL:
@@ -203,6 +214,8 @@ class Gemma4Config:
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], name: str = "hf") -> Gemma4Config:
         """Reads an HF Gemma 4 `config.json` (text-only, or the `text_config` of a multimodal one)."""
+        if not isinstance(d, Mapping):
+            raise Gemma4Error(f"config.json must be a JSON object, got a {type(d).__name__}")
         if "text_config" in d and isinstance(d["text_config"], Mapping):
             d = d["text_config"]
         try:
@@ -291,16 +304,19 @@ class Gemma4Config:
         )
 
     def save_json(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_hf_dict(), f, indent=2)
+        from gemma4_jax.files import write_json
+
+        write_json(os.fspath(path), self.to_hf_dict())
 
     @classmethod
     def load_json(cls, path: str | os.PathLike, name: str | None = None) -> Gemma4Config:
+        from gemma4_jax.files import read_text
+
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise Gemma4Error(f"config file not found: {path}")
         try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise Gemma4Error(f"config file not found: {path}") from None
+            d = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise Gemma4Error(f"{path} is not valid JSON: {e}") from None
         return cls.from_hf_dict(d, name=name or os.path.basename(os.path.dirname(os.path.abspath(path))))

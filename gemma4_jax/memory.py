@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from fractions import Fraction
+
+from gemma4_jax.files import human_bytes
 
 # Bytes per weight. 8-bit formats are priced at 1 byte like spec §7.1's "8-bit" row: their scales (one per
 # tensor for SFP8, one per output channel for int8) are not counted. Q4_0 stores 32 weights as 16 bytes of
@@ -161,14 +162,6 @@ def plan(
     )
 
 
-def human_bytes(n: int) -> str:
-    """2 decimals in the largest binary unit (1 GiB = 2³⁰ B) that keeps the value >= 1, as spec §7 writes them."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
 def mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
@@ -208,26 +201,3 @@ def format_plan(p: Plan) -> str:
             f"(never read; {human_bytes(weight_bytes(p.reader_kv_params, p.quant))} if a loader keeps them)."
         )
     return "\n".join(lines)
-
-
-def run(args) -> int:
-    result = plan(args.variant, args.quant, args.context, args.batch, args.ple, args.text_only)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "memory",
-        help="weight and KV-cache bytes of a variant, on the device and on the host",
-        description="Weights by part (PLE table, token embedding, decoder, vision, audio) in a quantization "
-        "format, the W-capped KV cache, and the totals on the device and on the host. No weights are needed.",
-    )
-    p.add_argument("--variant", required=True, choices=VARIANTS)
-    p.add_argument("--quant", choices=tuple(QUANT_BYTES_PER_WEIGHT), default="bf16", help="weight format")
-    p.add_argument("--context", type=int, default=4096, help="KV-cache length in tokens (default 4096)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--ple", choices=tuple(PLE_PLACES), default="device", help="where the PLE table lives")
-    p.add_argument("--text-only", action="store_true", help="leave out the vision and audio encoders")
-    p.add_argument("--json", action="store_true", help="machine-readable output (exact bytes)")
-    p.set_defaults(func=run)

@@ -14,6 +14,7 @@ the logits accumulate in at least float32.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -537,53 +538,28 @@ def _take_rows(index: Array, *arrays):
 # ----- the functional API ----------------------------------------------------------------------------------
 
 
-def init_std(path: tuple[str, ...], shape: tuple[int, ...]) -> float | None:
-    """Standard deviation of a random weight: 1/sqrt(fan in); None for scales (initialised to 1).
-
-    The fan in is the contracted size of the official layout (spec §5.1), e.g. D for `q_einsum` [N, D, H],
-    N*H for `attn_vec_einsum` [N, H, D], F for `linear` [F, D] or [E, F, D].
-    """
-    name = path[-2] if path[-1] == "w" else path[-1]
-    if name in ("scale", "skip_scale", "router_scale", "per_expert_scale"):
-        return None
-    fan_in = {
-        "attn_vec_einsum": shape[0] * shape[1],
-        "linear": shape[-2],
-        "per_layer_projection": shape[0],
-        "per_layer_embeddings": shape[-1],
-        "per_layer_model_projection": shape[0],
-        "router_logits": shape[0],
-        "per_layer_input_gate": shape[0],
-        "q_einsum": shape[-2],
-        "kv_einsum": shape[-2],
-        "k_einsum": shape[-2],
-    }.get(name, shape[-1])  # input_embedding [V, D], gating_einsum [.., F, D]
-    return 1.0 / math.sqrt(fan_in)
-
-
 def init_params(config: Gemma4Config, seed: int | Array = 0, dtype=jnp.bfloat16) -> Params:
-    """Random parameters in the official tree layout (spec §5.1), scales at 1.
+    """Random parameters in the official tree layout (spec §5.1): weights normal with std 1/sqrt(fan in), scales 1.
 
-    Drawn with numpy leaf by leaf, in blocks of rows (no compilation). Each leaf briefly exists twice (numpy,
-    then the JAX copy), so a full-size E2B peaks at the weights plus its largest leaf (~14.6 GB in bf16).
-    `seed` is an int or a JAX PRNG key.
+    Drawn with numpy leaf by leaf, in blocks of rows (no compilation). Each leaf
+    briefly exists twice (numpy, then the JAX copy), so a full-size E2B peaks at the weights plus its largest leaf
+    (~14.6 GB in bf16). `seed` is an int or a JAX PRNG key.
     """
+    from gemma4_jax import param_spec
+
     if isinstance(seed, jax.Array):
         seed = int(jax.random.randint(seed, (), 0, 2**31 - 1))
-    rng = np.random.default_rng(seed)
     np_dtype = np.dtype(jnp.dtype(dtype))
-
-    def leaf(path, shape_dtype):
-        return jnp.asarray(random_leaf(rng, tuple(k.key for k in path), shape_dtype.shape, np_dtype))
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(config, dtype))
+    return param_spec.tree_of(config, lambda leaf: jnp.asarray(random_leaf(seed, leaf, np_dtype)))
 
 
-def random_leaf(rng: np.random.Generator, path: tuple[str, ...], shape: tuple[int, ...], np_dtype) -> np.ndarray:
-    """One leaf of `init_params` as numpy, drawn in blocks of rows (leaves must be drawn in tree order)."""
-    std = init_std(path, shape)
+def random_leaf(seed: int, leaf, np_dtype) -> np.ndarray:
+    """One leaf (a `param_spec.Leaf`) of `init_params` as numpy, drawn in blocks of rows from the leaf's own seed
+    (derived from `seed` and its path), so leaves can be drawn one at a time in any order."""
+    shape, std = leaf.shape, leaf.init_std
     if std is None:
         return np.ones(shape, np_dtype)
+    rng = np.random.default_rng([seed, zlib.crc32(leaf.name.encode())])
     value = np.empty(shape, np_dtype)
     rows = max(1, (1 << 24) // max(1, math.prod(shape[1:])))
     for start in range(0, shape[0], rows):

@@ -13,8 +13,11 @@ that takes a parameter tree keeps working.
 
 from __future__ import annotations
 
+import functools
 import glob
+import itertools
 import os
+import weakref
 from typing import Any
 
 import jax
@@ -49,6 +52,10 @@ class HostPLE:
         self.table = table
         self.config = config
         self.source = source
+        # jit sees only this key (pytree aux data, and the callback's argument), never the table: a compiled
+        # forward does not keep a table alive after its HostPLE is gone.
+        self.key = next(_KEYS)
+        _TABLES[self.key] = self
 
     @classmethod
     def from_npy(cls, path: str, config: Gemma4Config) -> HostPLE:
@@ -66,13 +73,14 @@ class HostPLE:
         safetensors stores each tensor as a plain little-endian C-order array at a known offset, so the file
         bytes are the array.
         """
-        from gemma4_jax import checkpoint
+        from gemma4_jax.files import SafetensorsDir
+        from gemma4_jax.hf_format import text_prefix
 
-        files = checkpoint.SafetensorsDir(checkpoint_dir)
-        name = files.text_prefix() + HF_TABLE_NAME
-        if name not in files.names():
+        st = SafetensorsDir(checkpoint_dir)
+        name = text_prefix(st.names()) + HF_TABLE_NAME
+        if name not in st:
             raise Gemma4Error(f"{checkpoint_dir}: no PLE table ({name}) in the safetensors files")
-        table = files.memmap(name)
+        table = st.memmap(name)
         return cls(table, config, source=f"{table.filename} (memory-mapped)")
 
     # ----- the host side ------------------------------------------------------------------------------
@@ -103,11 +111,12 @@ class HostPLE:
 
     def save_npy(self, path: str) -> None:
         """Writes the table [V, L, P] as a `.npy` that `from_npy` memory-maps (atomic)."""
-        from gemma4_jax.checkpoint import atomic_write
+        from gemma4_jax.files import atomic_output
 
         if not path.endswith(".npy"):
             raise Gemma4Error(f"{path}: the PLE table file must end in .npy")
-        atomic_write(path, lambda tmp: np.save(tmp, self.table))
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, self.table)
 
     # ----- as a weight object inside a parameter tree (model.py, "weights") ----------------------------
 
@@ -115,7 +124,8 @@ class HostPLE:
         """Rows of `ids` inside a jitted forward: gathered on the host by a callback, only the rows go to the
         device."""
         out = jax.ShapeDtypeStruct((*ids.shape, *self.shape[1:]), self.dtype)
-        return jax.pure_callback(self.rows, out, ids, vmap_method="expand_dims").astype(dtype)
+        gather = functools.partial(_gather_rows, self.key)
+        return jax.pure_callback(gather, out, ids, vmap_method="expand_dims").astype(dtype)
 
     def materialize(self, dtype):
         """The whole table as a device array (what keeping it off the device avoids; for conversions only)."""
@@ -128,9 +138,16 @@ class HostPLE:
         return f"HostPLE({self.shape}, {self.dtype}, {self.source})"
 
 
-# No array leaves, so jit never transfers the table; the object itself (hashed by identity) is the aux data:
-# each HostPLE in a jitted tree compiles once, and jit's cache keeps it (and its table) alive.
-jax.tree_util.register_pytree_node(HostPLE, lambda host: ((), host), lambda host, _: host)
+_KEYS = itertools.count()
+_TABLES: weakref.WeakValueDictionary[int, HostPLE] = weakref.WeakValueDictionary()
+
+
+def _gather_rows(key: int, ids):
+    return _TABLES[key].rows(ids)
+
+
+# No array leaves, so jit never transfers the table; its key is the aux data (each HostPLE compiles once).
+jax.tree_util.register_pytree_node(HostPLE, lambda host: ((), host.key), lambda key, _: _TABLES[key])
 
 
 def split_table(params: dict[str, Any]) -> tuple[dict[str, Any], Any]:
@@ -140,6 +157,16 @@ def split_table(params: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         return params, None
     rest = {k: v for k, v in embedder.items() if k != TABLE_PATH[1]}
     return {**params, TABLE_PATH[0]: rest}, embedder[TABLE_PATH[1]]
+
+
+def host_table(source, mode: str) -> HostPLE:
+    """The PLE table of a `sources.WeightSource` off the device: read into host RAM ("host") or memory-mapped from
+    the HF checkpoint's safetensors file ("mmap")."""
+    from gemma4_jax import param_spec
+
+    if mode == "mmap":
+        return HostPLE.from_safetensors(source.directory, source.config)
+    return HostPLE(source.read(param_spec.leaf_of(source.config, TABLE_PATH)), source.config)
 
 
 def place_table(config: Gemma4Config, params: dict[str, Any], mode: str, checkpoint_dir: str | None = None):

@@ -33,8 +33,8 @@ class SamplingConfig:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise Gemma4Error(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # also refuses NaN
+            raise Gemma4Error(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise Gemma4Error(f"top-k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -84,13 +84,19 @@ def _prefill(config, sampling, params, tokens, positions, cache, last_index, key
     logits, cache = apply(
         params, tokens, positions, cache, config=config, logits_index=last_index, per_layer_tokens=ple_rows
     )
-    return sample_token(logits[:, 0], key, sampling), cache
+    return sample_token(logits[:, 0], key, sampling), jnp.isfinite(logits).all(), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
 def _step(config, sampling, params, token, position, cache, key, ple_rows):
     logits, cache = apply(params, token[:, None], position[:, None], cache, config=config, per_layer_tokens=ple_rows)
-    return sample_token(logits[:, 0], key, sampling), cache
+    return sample_token(logits[:, 0], key, sampling), jnp.isfinite(logits).all(), cache
+
+
+def _check_finite(finite) -> None:
+    """Non-finite logits (damaged weights, an overflow) would sample token 0 forever: stop instead."""
+    if not bool(finite):
+        raise Gemma4Error("the model produced non-finite logits (NaN or Inf); are the weights damaged?")
 
 
 class Sampler:
@@ -173,10 +179,10 @@ class Sampler:
         prefill = _prefill.lower(*static, tokens, positions, cache, last_index, key, prompt_rows).compile()
         step_fn = _step.lower(*static, last_index, last_index, cache, key, step_rows).compile()
         prefill_start = time.perf_counter()
-        token, cache = prefill(
+        token, finite, cache = prefill(
             self.params, tokens, positions, cache, last_index, jax.random.fold_in(key, 0), prompt_rows
         )
-        token.block_until_ready()
+        _check_finite(finite)
         decode_start = time.perf_counter()
         out: list[list[int]] = [[] for _ in range(batch)]
         reasons = ["length"] * batch
@@ -185,6 +191,8 @@ class Sampler:
         steps = 0
         for step in range(max_new_tokens):
             ids = np.asarray(token)
+            if step:
+                _check_finite(finite)
             for row in np.flatnonzero(~done):
                 if int(ids[row]) in self.stop_tokens:
                     done[row], reasons[row] = True, "stop"
@@ -194,7 +202,7 @@ class Sampler:
                     on_token(int(row), int(ids[row]))
             if done.all() or step == max_new_tokens - 1:
                 break
-            token, cache = step_fn(
+            token, finite, cache = step_fn(
                 self.params,
                 token,
                 jnp.asarray(position),

@@ -1,43 +1,31 @@
-"""Where weights come from: official Flax/orbax checkpoints (as published on Kaggle), HF directories, and the
-`kaggle:` / `hf:` download specs. `load_checkpoint` is the one entry point.
+"""Where weights come from: `open_source` turns a checkpoint spec into a `WeightSource`, read leaf by leaf.
 
-Official orbax checkpoints (spec §5.1) come in three on-disk layouts, all read here into the NESTED tree that
-`model.apply` takes:
-- NESTED: the Flax `model.init()['params']` tree itself (`layer_0/attn/q_einsum/w`, ...);
-- FLAT: one level of `transformer/<module path>` keys holding `{leaf: array}` (`transformer/layer_0/attn/q_einsum`
-  -> `{'w': ...}`); the dense MLP's `gating_einsum`/`linear` carry an extra `w` there that NESTED does not;
-- STACKED: layers of the same position in the attention pattern stacked on a leading axis
-  (`transformer/stacked_layers/attention_type_{j}/...`, layer = slice * pattern_length + j).
-They carry no config: the variant is recognised from the tensor shapes (orbax metadata only, nothing is read),
-`--variant` forces one and `--config` gives an HF-style config.json for other sizes.
+A spec is a local directory (an official Flax/orbax checkpoint as Kaggle ships it, a Hugging Face directory, or a
+quantized checkpoint written by `gemma4-jax quantize`), `kaggle:OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION]` or
+`hf:OWNER/NAME[@REVISION]` (downloaded, or found in the library's cache), or None for random weights of a preset.
 
-Each tensor is read on its own with TensorStore straight into a buffer of the requested dtype (the cast happens
-chunk by chunk inside TensorStore), so loading peaks near one copy of the weights in that dtype. The buffers are
-64-byte aligned, which lets JAX's CPU backend adopt them without another copy.
+Every consumer reads through the same interface, one leaf of the official tree at a time, so a full-size model is
+loaded, converted, quantized, merged or exported while holding about one tensor besides its output:
+`source.read(leaf, dtype)` gives the official layout, `source.hf_rows(...)` blocks of rows of its HF tensors.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import logging
 import math
 import os
 import re
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from gemma4_jax.config import OFFICIAL_VARIANTS, PRESETS, Gemma4Config, get_config
+from gemma4_jax import files, param_spec
+from gemma4_jax.config import Gemma4Config, get_config
 from gemma4_jax.errors import Gemma4Error
-
-Path = tuple[str, ...]
+from gemma4_jax.param_spec import Leaf
 
 KAGGLE_PREFIX = "kaggle:"
 HF_PREFIX = "hf:"
+DEMO_VARIANT = "tiny"  # random weights when neither a checkpoint nor a variant is given
 # Files that travel with the weights (tokenizer, chat template, sampling defaults).
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -53,13 +41,119 @@ _HF_SPEC = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 _HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 # Environment variables whose values never appear in a message of ours, even if a library puts them in one.
 _SECRET_VARIABLES = ("KAGGLE_KEY", "KAGGLE_API_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-_ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA")
-_MULTIMODAL_EMBEDDER = ("mm_", "audio_")
-_LAYER = re.compile(r"^layer_(\d+)$")
-_STACKED = re.compile(r"^transformer/stacked_layers/attention_type_(\d+)(/.*)?$")
+_ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt")
 
 
-# ----- sources: local directory, kaggle:, hf: ------------------------------------------------------------
+# ----- the interface -----------------------------------------------------------------------------------------
+
+
+class WeightSource:
+    """A checkpoint seen as the leaves of the official tree (`param_spec.param_spec(config)`), read on demand.
+
+    `description` names it in messages; `directory` is the local directory with its tokenizer files (or None);
+    `other` lists the tensors outside the text decoder that are not read (vision/audio towers).
+    """
+
+    def __init__(self, config: Gemma4Config, description: str, directory: str | None = None, other=()):
+        self.config, self.description, self.directory, self.other = config, description, directory, list(other)
+        self._current: tuple[Leaf, tuple[np.ndarray, ...]] | None = None
+
+    def leaves(self) -> tuple[Leaf, ...]:
+        return param_spec.param_spec(self.config)
+
+    def has(self, leaf: Leaf) -> bool:
+        """False for leaves the checkpoint does not store (the unused K/V of KV-shared readers)."""
+        return True
+
+    def dtype(self, leaf: Leaf) -> np.dtype:
+        """The dtype the leaf is stored in."""
+        raise NotImplementedError
+
+    def read(self, leaf: Leaf, dtype=None) -> np.ndarray:
+        """The leaf in the official layout, in `dtype` (None: as stored); absent unused leaves are zeros."""
+        raise NotImplementedError
+
+    def hf_rows(self, leaf: Leaf, index: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the leaf's HF tensor `index` (of `leaf.hf`). This default converts the whole leaf
+        once and slices it; sources that store HF tensors read just the rows."""
+        if self._current is None or self._current[0] != leaf:
+            self._current = None  # drop the previous tensor before converting the next
+            self._current = (leaf, leaf.to_hf(self.read(leaf)))
+        return self._current[1][index][start:stop]
+
+    def nbytes(self, dtype=None, leaves=None) -> int:
+        """Bytes of the (stored, or `dtype`) leaves, all by default."""
+        total = 0
+        for leaf in leaves if leaves is not None else self.leaves():
+            itemsize = np.dtype(dtype or self.dtype(leaf)).itemsize
+            total += math.prod(leaf.shape) * itemsize
+        return total
+
+    def tokenizer_files(self) -> list[str]:
+        return tokenizer_files(self.directory, self.directory) if self.directory else []
+
+
+class TreeSource(WeightSource):
+    """A parameter tree in memory (JAX or numpy leaves, or weight objects such as quantized weights)."""
+
+    def __init__(self, config: Gemma4Config, params: dict, description: str = "parameters", directory=None):
+        super().__init__(config, description, directory)
+        self.params = params
+
+    def _value(self, leaf: Leaf):
+        from gemma4_jax.model import tree_get
+
+        return tree_get(self.params, leaf.path)
+
+    def has(self, leaf: Leaf) -> bool:
+        try:
+            self._value(leaf)
+        except KeyError:
+            return False
+        return True
+
+    def dtype(self, leaf: Leaf) -> np.dtype:
+        from gemma4_jax.hf_format import np_dtype
+
+        return np_dtype(self._value(leaf).dtype)
+
+    def read(self, leaf: Leaf, dtype=None) -> np.ndarray:
+        import jax
+
+        from gemma4_jax.hf_format import np_dtype
+        from gemma4_jax.model import dense
+
+        value = self._value(leaf)
+        target = np_dtype(dtype or value.dtype)
+        if not isinstance(value, np.ndarray | jax.Array):  # a weight object (quantized, host-side PLE table)
+            return np.asarray(jax.device_get(dense(value, np.float32))).astype(target, copy=False)
+        return np.asarray(jax.device_get(value)).astype(target, copy=False)
+
+
+class RandomSource(WeightSource):
+    """Random weights of a config, drawn leaf by leaf exactly as `model.init_params(config, seed, dtype)` draws them
+    (each leaf from its own seed): a full-size model is quantized or exported without ever existing whole."""
+
+    def __init__(self, config: Gemma4Config, seed: int = 0, dtype="bfloat16"):
+        from gemma4_jax.hf_format import np_dtype
+
+        if seed < 0:
+            raise Gemma4Error(f"the seed of random weights must be >= 0, got {seed}")
+        super().__init__(config, f"random weights (variant {config.name}, seed {seed})")
+        self.seed, self._dtype = seed, np_dtype(dtype)
+
+    def dtype(self, leaf: Leaf) -> np.dtype:
+        return self._dtype
+
+    def read(self, leaf: Leaf, dtype=None) -> np.ndarray:
+        from gemma4_jax.hf_format import np_dtype
+        from gemma4_jax.model import random_leaf
+
+        # Drawn in float32 and rounded once to the asked dtype, as init_params(config, seed, dtype) does.
+        return random_leaf(self.seed, leaf, self._dtype if dtype is None else np_dtype(dtype))
+
+
+# ----- resolving a spec --------------------------------------------------------------------------------------
 
 
 def redact(text: str) -> str:
@@ -84,6 +178,8 @@ def resolve(source: str) -> str:
             f"unknown checkpoint source {source!r}: give a local directory, "
             "kaggle:OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION] or hf:OWNER/NAME[@REVISION]"
         )
+    if os.path.exists(source):
+        raise Gemma4Error(f"{source} is a file; --checkpoint takes a checkpoint directory")
     raise Gemma4Error(f"checkpoint directory not found: {source}")
 
 
@@ -112,7 +208,7 @@ def _download_hf(spec: str) -> str:
     try:
         import huggingface_hub
     except ImportError:
-        raise Gemma4Error("hf: sources need the huggingface_hub package (pip install huggingface_hub)") from None
+        raise Gemma4Error("hf: sources need huggingface_hub: pip install 'gemma4-jax[hub]'") from None
     try:
         path = huggingface_hub.snapshot_download(
             repo_id=repo_id, revision=revision or None, allow_patterns=_HF_PATTERNS
@@ -123,7 +219,11 @@ def _download_hf(spec: str) -> str:
 
 
 def _checkpoint_kind(directory: str) -> str | None:
-    if any(os.path.isfile(os.path.join(directory, m)) for m in _ORBAX_MARKERS[:2]):
+    from gemma4_jax.quant.checkpoint import is_quantized_checkpoint
+
+    if is_quantized_checkpoint(directory):
+        return "quantized"
+    if any(os.path.isfile(os.path.join(directory, m)) for m in _ORBAX_MARKERS):
         return "orbax"
     if any(name.endswith(".safetensors") for name in os.listdir(directory)):
         return "hf"
@@ -131,7 +231,7 @@ def _checkpoint_kind(directory: str) -> str | None:
 
 
 def find_checkpoint(directory: str) -> tuple[str, str]:
-    """("orbax" | "hf", path) of the one checkpoint in `directory` or up to two levels below it.
+    """("orbax" | "hf" | "quantized", path) of the one checkpoint in `directory` or up to two levels below it.
 
     Kaggle downloads hold the orbax directory next to `tokenizer.model`; HF snapshots are the checkpoint.
     """
@@ -184,271 +284,18 @@ def tokenizer_files(checkpoint_path: str, root: str) -> list[str]:
         d = os.path.dirname(d)
 
 
-# ----- orbax checkpoints --------------------------------------------------------------------------------
+def copy_tokenizer_files(source: WeightSource, directory: str) -> list[str]:
+    """Copies the source's tokenizer files into `directory` (an output being written); returns their names."""
+    import shutil
 
-
-@dataclasses.dataclass(frozen=True)
-class StoredLeaf:
-    """Where one NESTED leaf lives in the checkpoint."""
-
-    name: str  # orbax's parameter name (the TensorStore key)
-    shape: tuple[int, ...]  # of the NESTED leaf (a STACKED slice drops the stacking axis)
-    dtype: np.dtype
-    index: int | None = None  # slice of a STACKED parameter
-
-
-def _flatten(tree, prefix: Path = ()) -> Iterator[tuple[Path, object]]:
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _flatten(value, (*prefix, str(key)))
-    else:
-        yield prefix, tree
-
-
-def _is_text(path: Path) -> bool:
-    if path[0] == "embedder":
-        return len(path) > 1 and not path[1].startswith(_MULTIMODAL_EMBEDDER)
-    return path[0] == "final_norm" or bool(_LAYER.match(path[0]))
-
-
-def _layout(top_keys: set[str]) -> str:
-    if any(_STACKED.match(k) for k in top_keys):
-        return "stacked"
-    if top_keys and all(k.startswith(("transformer/", "SigLiPFromPatches_0/")) for k in top_keys):
-        return "flat"
-    return "nested"
-
-
-def _drop_dense_mlp_w(raw: dict[Path, StoredLeaf]) -> dict[Path, StoredLeaf]:
-    """FLAT/STACKED keep a `w` under the dense MLP's `gating_einsum`/`linear`; the NESTED tree has none there
-    (the MoE's `mlp/gating_einsum/w` keeps it: a layer with a router is a MoE layer)."""
-    moe_layers = {p[0] for p in raw if p[1:3] == ("mlp", "router_logits")}
-    out = {}
-    for path, leaf in raw.items():
-        dense_mlp = len(path) == 4 and path[1] == "mlp" and path[2] in ("gating_einsum", "linear") and path[3] == "w"
-        out[path[:-1] if dense_mlp and path[0] not in moe_layers else path] = leaf
-    return out
-
-
-class OrbaxCheckpoint:
-    """An orbax checkpoint directory, seen as NESTED text-decoder leaves read one at a time.
-
-    `leaves`: NESTED path -> StoredLeaf for every text-decoder tensor; `other`: names of the tensors that are
-    not part of the text decoder (vision/audio encoders and their projections), which loading leaves unread.
-    """
-
-    def __init__(self, path: str):
-        import orbax.checkpoint as ocp
-
-        self.path = os.path.abspath(path)
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        absl_logger.setLevel(logging.ERROR)  # orbax warns before failing; our one-line error says it all
+    names = []
+    for path in source.tokenizer_files():
         try:
-            with open(os.path.join(self.path, "_METADATA")) as f:
-                info = json.load(f)
-            item = ocp.PyTreeCheckpointer().metadata(self.path).item_metadata
-        except FileNotFoundError:
-            raise Gemma4Error(f"{path}: not a readable orbax checkpoint (no _METADATA file)") from None
-        except Exception as e:  # orbax/tensorstore raise many types for damaged metadata
-            raise Gemma4Error(f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
-        finally:
-            absl_logger.setLevel(level)
-        tree = getattr(item, "tree", None)
-        if not tree:
-            raise Gemma4Error(f"{path}: not a readable orbax checkpoint (its tensor metadata is missing or damaged)")
-        self._use_ocdbt = bool(info.get("use_ocdbt", True))
-        self._use_zarr3 = bool(info.get("use_zarr3", False))
-        self._context = None
-        flat = dict(_flatten(tree))
-        if {p[0] for p in flat} == {"collections", "opt_state", "params", "step"}:  # a Kauldron training state
-            flat = {p[1:]: v for p, v in flat.items() if p[0] == "params"}
-        self.layout = _layout({p[0] for p in flat})
-        stacked_positions = [int(m.group(1)) for p in flat if (m := _STACKED.match(p[0]))]
-        self._pattern_length = 1 + max(stacked_positions, default=0)
-        raw: dict[Path, StoredLeaf] = {}
-        self.other: list[str] = []
-        for stored_path, meta in flat.items():
-            for path, leaf in self._nested_leaves(stored_path, meta):
-                if path and _is_text(path):
-                    raw[path] = leaf
-                else:
-                    self.other.append("/".join(stored_path))
-        self.leaves = _drop_dense_mlp_w(raw) if self.layout != "nested" else raw
-        if not self.leaves:
-            raise Gemma4Error(f"{path}: the orbax checkpoint has no Gemma text-decoder tensors (embedder, layer_N)")
-
-    def _nested_leaves(self, stored_path: Path, meta) -> Iterator[tuple[Path, StoredLeaf]]:
-        shape = tuple(getattr(meta, "shape", None) or ())
-        dtype = np.dtype(getattr(meta, "dtype", None) or np.float32)
-        name = getattr(meta, "name", None) or ".".join(stored_path)
-        if self.layout == "nested":
-            yield stored_path, StoredLeaf(name, shape, dtype)
-            return
-        key, leaf_keys = stored_path[0], stored_path[1:]
-        stacked = _STACKED.match(key)
-        if stacked:
-            position, rest = int(stacked.group(1)), [p for p in (stacked.group(2) or "").split("/") if p]
-            period = self._pattern_length
-            for i in range(shape[0]):
-                path = (f"layer_{i * period + position}", *rest, *leaf_keys)
-                yield path, StoredLeaf(name, shape[1:], dtype, index=i)
-        elif key.startswith("transformer/"):
-            yield (*key.split("/")[1:], *leaf_keys), StoredLeaf(name, shape, dtype)
-        else:
-            yield (), StoredLeaf(name, shape, dtype)
-
-    @property
-    def shapes(self) -> dict[Path, tuple[int, ...]]:
-        return {path: leaf.shape for path, leaf in self.leaves.items()}
-
-    def nbytes(self, paths, dtype=None) -> int:
-        return sum(
-            math.prod(self.leaves[p].shape) * np.dtype(dtype or self.leaves[p].dtype).itemsize
-            for p in paths
-            if p in self.leaves
-        )
-
-    def read(self, path: Path, dtype=None) -> np.ndarray:
-        """One leaf, converted to `dtype` (None: as stored) while it is read, in a 64-byte-aligned buffer."""
-        import tensorstore as ts
-
-        leaf = self.leaves[path]
-        target = np.dtype(dtype or leaf.dtype)
-        try:
-            store = self._open(leaf.name)
-            if tuple(store.shape[1:] if leaf.index is not None else store.shape) != leaf.shape:
-                raise ValueError(f"stored shape {tuple(store.shape)} differs from its metadata {leaf.shape}")
-            if leaf.index is not None:
-                store = store[leaf.index]
-            if store.dtype.numpy_dtype != target:
-                store = ts.cast(store, ts.dtype(target.name))
-            out = aligned_empty(leaf.shape, target)
-            ts.array(out).write(store).result()
-        except Exception as e:  # tensorstore reports missing/damaged data as ValueError/OSError/...
-            raise Gemma4Error(
-                f"{self.path}: cannot read tensor {'/'.join(path)} ({leaf.name}): {type(e).__name__}: {e}"
-            ) from None
-        return out
-
-    def _open(self, name: str):
-        import orbax.checkpoint as ocp
-        import tensorstore as ts
-        from etils import epath
-
-        if self._context is None:
-            # One context for all tensors: OCDBT manifest and B-tree caches are shared between them.
-            self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
-        info = ocp.type_handlers.ParamInfo(
-            name=name,
-            parent_dir=epath.Path(self.path),
-            use_zarr3=self._use_zarr3,
-            is_ocdbt_checkpoint=self._use_ocdbt,
-            ts_context=self._context,
-        )
-        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
-        return ts.open(spec, context=self._context, open=True).result()
-
-    def config(self, variant: str | None = None, config_file: str | None = None) -> Gemma4Config:
-        """The config that matches the tensors: --config, --variant, our config.json, or recognised from shapes."""
-        found = self.shapes
-        own = os.path.join(self.path, "config.json")
-        if config_file:
-            cfg, what = Gemma4Config.load_json(config_file), f"--config {config_file}"
-        elif variant:
-            cfg, what = get_config(variant), f"--variant {variant}"
-        elif os.path.isfile(own):
-            cfg, what = Gemma4Config.load_json(own), own
-        else:
-            return recognise_variant(found, self.path)
-        problem = shape_mismatch(cfg, found, what)
-        if problem:
-            raise Gemma4Error(f"{self.path}: {what} does not match the checkpoint: {problem}")
-        return cfg
-
-    def load(self, config: Gemma4Config, dtype, progress: Progress | None = None) -> dict:
-        """The NESTED parameter tree as JAX arrays of `dtype`, one tensor at a time."""
-        import jax
-
-        from gemma4_jax.model import tree_set
-
-        expected, _ = expected_shapes(config)
-        target = np.dtype(dtype)
-        params: dict = {}
-        for path, shape in expected.items():
-            if path in self.leaves:
-                value = self.read(path, target)
-            else:  # reader-layer K/V (unused by the model); shape_mismatch() allowed only those to be absent
-                value = aligned_empty(shape, target)
-                value[...] = 0
-            # On the CPU backend the aligned buffer becomes the array's memory; elsewhere it is copied over.
-            tree_set(params, path, jax.device_put(value, may_alias=True))
-            del value
-            if progress:
-                progress.advance(math.prod(shape) * target.itemsize)
-        return params
-
-
-def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    buffer = np.empty(nbytes + alignment, np.uint8)
-    start = -buffer.ctypes.data % alignment
-    return buffer[start : start + nbytes].view(dtype).reshape(shape)
-
-
-# ----- matching tensors to a config --------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=8)
-def expected_shapes(config: Gemma4Config) -> tuple[dict[Path, tuple[int, ...]], frozenset[Path]]:
-    """(NESTED path -> shape of every parameter of `config`, paths that may be absent: the reader layers' K/V)."""
-    import jax
-
-    from gemma4_jax.checkpoint import mapping
-    from gemma4_jax.model import param_shapes
-
-    leaves = jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]
-    shapes = {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
-    return shapes, frozenset(e.path for e in mapping(config) if e.optional)
-
-
-def shape_mismatch(config: Gemma4Config, found: dict[Path, tuple[int, ...]], what: str) -> str | None:
-    """The first difference between the checkpoint's text tensors and `config`'s, in words; None if they match."""
-    expected, optional = expected_shapes(config)
-    for path, shape in expected.items():
-        if path in found and tuple(found[path]) != shape:
-            return f"tensor {'/'.join(path)} has shape {tuple(found[path])}, {what} expects {shape}"
-    missing = [p for p in expected if p not in found and p not in optional]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        return f"tensor {'/'.join(missing[0])}{more} of {what} is not in the checkpoint"
-    extra = [p for p in found if p not in expected]
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        return f"the checkpoint has tensor {'/'.join(extra[0])}{more}, which {what} does not"
-    return None
-
-
-def recognise_variant(found: dict[Path, tuple[int, ...]], where: str) -> Gemma4Config:
-    """The preset (official variant) whose parameter shapes are exactly the checkpoint's."""
-    embedding = found.get(("embedder", "input_embedding"))
-    if embedding is None or len(embedding) != 2:
-        raise Gemma4Error(f"{where}: no embedder/input_embedding [vocab, width] tensor: not a Gemma 4 checkpoint")
-    layers = sum(1 for p in found if p[-1] == "skip_scale" and _LAYER.match(p[0]))
-    described = f"vocab {embedding[0]}, width {embedding[1]}, {layers} layers"
-    # The official variants, and the toy presets (tests, demos) too: only presets of the same size are checked.
-    candidates = [c for c in PRESETS.values() if (c.vocab_size, c.embed_dim, c.num_layers) == (*embedding, layers)]
-    nearest = ""
-    for cfg in candidates:
-        problem = shape_mismatch(cfg, found, cfg.name)
-        if problem is None:
-            return cfg
-        nearest = f"; nearest is {cfg.name}, but {problem}"
-    raise Gemma4Error(
-        f"{where}: the tensor shapes ({described}) are not those of an official variant "
-        f"({', '.join(OFFICIAL_VARIANTS)}){nearest}. Pass --config FILE (an HF-style config.json) for other sizes"
-    )
+            shutil.copyfile(path, os.path.join(directory, os.path.basename(path)))
+        except OSError as e:
+            raise files.os_error(directory, e) from None
+        names.append(os.path.basename(path))
+    return names
 
 
 def given_config(variant: str | None, config_file: str | None) -> Gemma4Config | None:
@@ -459,161 +306,42 @@ def given_config(variant: str | None, config_file: str | None) -> Gemma4Config |
     return get_config(variant) if variant else None
 
 
-# ----- progress -----------------------------------------------------------------------------------------
-
-
-class Progress:
-    """`what: 42% (4.3 / 10.2 GB)` on stderr: one updating line on a terminal, else a line per 10%."""
-
-    def __init__(self, what: str, total_bytes: int, stream=None, min_bytes: int = 10**8):
-        self.what, self.total, self.done = what, max(total_bytes, 1), 0
-        self.stream = stream or sys.stderr
-        self.quiet = total_bytes < min_bytes  # small jobs end before a progress line would help
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = time.perf_counter()
-        self._last_step = -1
-
-    def advance(self, nbytes: int) -> None:
-        self.done += nbytes
-        if self.quiet:
-            return
-        step = int(100 * self.done / self.total) // (1 if self.tty else 10)
-        if step != self._last_step:
-            self._last_step = step
-            line = f"{self.what}: {100 * self.done / self.total:3.0f}% ({gb(self.done)} / {gb(self.total)})"
-            self.stream.write(f"\r{line}" if self.tty else line + "\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and not self.quiet:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
-
-
-# ----- the entry point ----------------------------------------------------------------------------------
-
-
-def load_checkpoint(
-    source: str,
-    dtype=None,
+def open_source(
+    spec: str | None,
+    *,
     variant: str | None = None,
     config_file: str | None = None,
-    progress: bool = False,
-) -> tuple[Gemma4Config, dict, str]:
-    """(config, params, local_dir) from a local orbax or HF directory, `kaggle:...` or `hf:...`.
-
-    params: the NESTED tree of JAX arrays in `dtype` (default bfloat16), text decoder only (vision/audio encoder
-    weights stay unread). local_dir: for an HF source its directory; for orbax the directory holding the
-    tokenizer files (tokenizer.model / tokenizer.json) if the source has them, else the downloaded/given one.
-    `variant` forces a preset and `config_file` gives an HF-style config.json; a tensor that does not fit them
-    is named in the error.
-    """
-    import jax.numpy as jnp
-
-    from gemma4_jax import checkpoint
-
-    dtype = jnp.dtype(dtype or jnp.bfloat16)
-    forced = given_config(variant, config_file)
-    root = resolve(source)
+    init_seed: int = 0,
+    random_dtype="bfloat16",
+) -> WeightSource:
+    """The checkpoint `spec` (see the module doc), or random weights of `variant` / `config_file` / the demo preset
+    when `spec` is None. For a checkpoint, `variant` / `config_file` force its config (a tensor that does not fit
+    is named in the error); quantized checkpoints carry their own and refuse them."""
+    if spec is None:
+        config = given_config(variant, config_file) or get_config(DEMO_VARIANT)
+        return RandomSource(config, init_seed, random_dtype)
+    root = resolve(spec)
     kind, path = find_checkpoint(root)
-    # HF directories carry their tokenizer (and are what --ple mmap maps); Kaggle puts it next to the orbax dir.
-    local_dir = os.path.abspath(path) if kind == "hf" else tokenizer_dir(path, root)
+    if kind == "quantized":
+        if variant or config_file:
+            raise Gemma4Error(f"{path} is a quantized checkpoint with its own config; drop --variant / --config")
+        from gemma4_jax.quant.checkpoint import QuantizedSource
+
+        return QuantizedSource(path)
     if kind == "hf":
-        cfg, params = checkpoint.load_hf_checkpoint(path, dtype=dtype, config=forced)
-        return cfg, params, local_dir
-    ckpt = OrbaxCheckpoint(path)
-    cfg = ckpt.config(variant, config_file)
-    expected, _ = expected_shapes(cfg)
-    meter = Progress(f"loading {os.path.basename(path)}", ckpt.nbytes(expected, dtype)) if progress else None
-    params = ckpt.load(cfg, dtype, meter)
-    if meter:
-        meter.close()
-    return cfg, params, local_dir
+        from gemma4_jax.hf_format import HFSource
+
+        return HFSource(path, given_config(variant, config_file))
+    from gemma4_jax.orbax_format import OrbaxSource
+
+    # Kaggle puts the tokenizer next to the orbax directory.
+    return OrbaxSource(path, variant, config_file, tokenizer_dir(path, root))
 
 
-def checkpoint_config(source: str, variant: str | None = None, config_file: str | None = None) -> Gemma4Config:
-    """The config of a checkpoint without loading it: HF config.json, or recognised from orbax metadata."""
-    forced = given_config(variant, config_file)
-    kind, path = find_checkpoint(resolve(source))
-    if kind == "orbax":
-        return OrbaxCheckpoint(path).config(variant, config_file)
-    return forced or Gemma4Config.load_json(os.path.join(path, "config.json"), name=os.path.basename(path))
-
-
-# ----- writing orbax checkpoints ------------------------------------------------------------------------
-
-
-def pattern_length(config: Gemma4Config) -> int:
-    """The shortest period of the layer-type string (5 on E2B, 6 on the others)."""
-    types = config.layer_types
-    return next(p for p in range(1, len(types) + 1) if all(types[i] == types[i % p] for i in range(len(types))))
-
-
-def to_layout(params: dict, layout: str, config: Gemma4Config | None = None) -> dict:
-    """The NESTED tree re-keyed as the FLAT or STACKED on-disk layout (spec §5.1)."""
-    if layout == "nested":
-        return params
-    leaves = dict(_flatten(params))
-    moe_layers = {p[0] for p in leaves if p[1:3] == ("mlp", "router_logits")}
-    flat: dict[str, dict] = {}
-    for path, value in leaves.items():
-        if len(path) == 3 and path[1] == "mlp" and path[2] in ("gating_einsum", "linear") and path[0] not in moe_layers:
-            path = (*path, "w")
-        flat.setdefault("transformer/" + "/".join(path[:-1]), {})[path[-1]] = value
-    if layout == "flat":
-        return flat
-    if layout != "stacked" or config is None:
-        raise ValueError(f"unknown layout {layout!r} (or no config for stacked)")
-    period = pattern_length(config)
-    stacked: dict[str, dict] = {}
-    groups: dict[tuple[str, str], dict[int, object]] = {}
-    for key, leaves_of_key in flat.items():
-        parts = key.split("/")
-        layer = _LAYER.match(parts[1]) if len(parts) > 1 else None
-        if not layer:
-            stacked[key] = leaves_of_key
-            continue
-        index = int(layer.group(1))
-        target = "/".join(["transformer/stacked_layers", f"attention_type_{index % period}", *parts[2:]])
-        for leaf, value in leaves_of_key.items():
-            groups.setdefault((target, leaf), {})[index // period] = value
-    for (target, leaf), slices in groups.items():
-        shapes = {np.shape(v) for v in slices.values()}
-        if len(shapes) != 1:
-            raise Gemma4Error(f"cannot stack {target}/{leaf}: its layers differ in shape {sorted(shapes)}")
-        stacked.setdefault(target, {})[leaf] = np.stack([np.asarray(slices[i]) for i in sorted(slices)])
-    return stacked
-
-
-def save_orbax(path: str, params: dict, layout: str = "nested", config: Gemma4Config | None = None) -> None:
-    """Writes `params` (NESTED; numpy or JAX leaves, dtypes as given) as an orbax PyTree checkpoint with OCDBT,
-    the format of the official checkpoints. `path` must not exist yet.
-
-    Orbax's default numpy handler deep-copies every array before writing (so a caller may modify them during an
-    asynchronous save), which doubles peak memory; this save is synchronous, so it writes from the arrays given.
-    """
-    import jax
-    import orbax.checkpoint as ocp
-
-    tree = jax.tree_util.tree_map(np.asarray, to_layout(params, layout, config))
-    registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-        (jax.Array, ocp.type_handlers.ArrayHandler()),  # unused (leaves are numpy); orbax warns without one
-    )
-    saver = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, type_handler_registry=registry))
-    saver.save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))
-    saver.close()
-
-
-def hf_leaves(
-    path: str, config: Gemma4Config | None = None
-) -> tuple[Gemma4Config, list[str], Callable[[], Iterator[tuple[Path, np.ndarray]]]]:
-    """An HF directory as NESTED leaves in their stored dtypes: (config, non-text tensor names, iterate)."""
-    from gemma4_jax import checkpoint
-
-    cfg, read, other = checkpoint.open_hf_checkpoint(path, config)
-    return cfg, other, lambda: checkpoint.hf_to_nested(cfg, read, None, source=path)
+def iterate(source: WeightSource, dtype=None, progress: files.Progress | None = None) -> Iterator[tuple[Leaf, object]]:
+    """(leaf, array) for every leaf in spec order, read in `dtype`, advancing `progress` by the bytes read."""
+    for leaf in source.leaves():
+        value = source.read(leaf, dtype)
+        yield leaf, value
+        if progress:
+            progress.advance(value.nbytes)

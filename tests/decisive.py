@@ -18,6 +18,11 @@ import numpy as np
 from gemma4_jax import model
 
 MARGIN = 6.0  # logits; the runtimes' rounding moves the tiny models' logits by <= ~0.4
+# MoE: the k-th chosen expert's router logit must beat the best unchosen one by this much on every token and layer.
+# A near-tie there flips under a runtime's activation rounding and moves that token's logits by O(1) (measured:
+# a 5e-5 probability gap flipped by llama.cpp's Q8_0 activations at q4_0 gave 0.51 at one position, <= 0.05 at all
+# others), which compares the expert choice, not the weights.
+ROUTER_MARGIN = 1.0
 LEARNING_RATE = 3e-3
 MAX_STEPS = 300
 
@@ -59,14 +64,17 @@ def train_decisive(cfg, params, prompt: list[int], target: list[int], margin: fl
 
     def loss_and_logits(params):
         # train.loop.token_losses gives the same loss but not the logits, which decide when to stop.
-        logits = model.apply(params, inputs, config=cfg)[0][0, first:]  # [len(target), V]
+        logits, gaps = forward_with_router_gaps(cfg, params, inputs)
+        logits = logits[0, first:]  # [len(target), V]
         logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, targets[:, None], axis=-1)), logits
+        loss = -jnp.mean(jnp.take_along_axis(logp, targets[:, None], axis=-1))
+        loss = loss + jnp.mean(jax.nn.relu(ROUTER_MARGIN - gaps))  # 0 for dense models (no gaps)
+        return loss, (logits, gaps)
 
     def step(params, opt_state):
-        (_, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(params)
+        (_, (logits, gaps)), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, logits
+        return optax.apply_updates(params, updates), opt_state, logits, gaps
 
     start = time.perf_counter()
     opt_state = optimizer.init(params)
@@ -74,10 +82,33 @@ def train_decisive(cfg, params, prompt: list[int], target: list[int], margin: fl
     # and runs no faster at this size; compiling dominates the ~20-50 steps.
     step = jax.jit(step).lower(params, opt_state).compile(compiler_options={"xla_backend_optimization_level": 0})
     for steps in range(MAX_STEPS):
-        trained, opt_state, logits = step(params, opt_state)
-        logits = np.asarray(logits)
-        if (logits.argmax(-1) == targets).all() and top_margins(logits).min() >= margin:
+        trained, opt_state, logits, gaps = step(params, opt_state)
+        logits, gaps = np.asarray(logits), np.asarray(gaps)
+        routed = gaps.size == 0 or gaps.min() >= ROUTER_MARGIN
+        if (logits.argmax(-1) == targets).all() and top_margins(logits).min() >= margin and routed:
             print(f"{cfg.name}: decisive after {steps} training steps, {time.perf_counter() - start:.1f} s")
             return params  # the params these logits were computed with
         params = trained
     raise AssertionError(f"{cfg.name}: not decisive after {MAX_STEPS} steps: margins {top_margins(logits)}")
+
+
+def forward_with_router_gaps(cfg, params, tokens):
+    """(logits, gaps): the forward pass, and per MoE layer and token the router-logit gap between the k-th chosen
+    expert and the best unchosen one ([L, T]; empty for dense models)."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    logits, state = model.Gemma4Transformer(cfg).apply(
+        {"params": params},
+        tokens,
+        positions,
+        capture_intermediates=lambda module, _: module.name == "router_logits",
+        mutable=["intermediates"],
+    )
+    if not cfg.num_experts:
+        return logits[0], jnp.zeros((0,))
+    k = cfg.num_experts_per_token
+    gaps = []
+    for i in range(cfg.num_layers):
+        router = state["intermediates"][f"layer_{i}"]["mlp"]["router_logits"]["__call__"][0][0]  # [T, E]
+        top = jax.lax.top_k(router, k + 1)[0]
+        gaps.append(top[:, k - 1] - top[:, k])
+    return logits[0], jnp.stack(gaps)

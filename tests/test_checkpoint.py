@@ -3,7 +3,6 @@
 import functools
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from gemma4_jax import checkpoint, config, model
+from gemma4_jax import config, hf_format, model
 from gemma4_jax.errors import Gemma4Error
 
 
@@ -47,8 +46,8 @@ def _zero_unused_reader_kv(cfg, params):
 def test_round_trip_is_bit_exact(tmp_path, name, dtype):
     cfg = config.get_config(name)
     params = _random(cfg, dtype)
-    checkpoint.save_hf_checkpoint(str(tmp_path), cfg, params)
-    loaded_cfg, loaded = checkpoint.load_hf_checkpoint(str(tmp_path), dtype=dtype)
+    hf_format.save_hf_checkpoint(str(tmp_path), cfg, params)
+    loaded_cfg, loaded = hf_format.load_hf_checkpoint(str(tmp_path), dtype=dtype)
     assert loaded_cfg == cfg.replace(name=loaded_cfg.name)
     expected = _zero_unused_reader_kv(cfg, params)
     assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(expected)
@@ -61,7 +60,7 @@ def test_round_trip_is_bit_exact(tmp_path, name, dtype):
 def test_transformers_loads_what_we_write(tmp_path, name):
     cfg = config.get_config(name)
     params = _random(cfg, jnp.float32, seed=3)
-    checkpoint.save_hf_checkpoint(str(tmp_path), cfg, params)
+    hf_format.save_hf_checkpoint(str(tmp_path), cfg, params)
     hf = transformers.Gemma4ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 12))
     with torch.no_grad():
@@ -72,7 +71,7 @@ def test_transformers_loads_what_we_write(tmp_path, name):
 
 def test_reader_kv_written_by_the_official_converter_loads(tmp_path):
     cfg = config.TINY_E2B
-    checkpoint.save_hf_checkpoint(str(tmp_path), cfg, _random(cfg))
+    hf_format.save_hf_checkpoint(str(tmp_path), cfg, _random(cfg))
     file = str(tmp_path / "model.safetensors")
     tensors = load_file(file)
     reader = cfg.first_kv_shared_layer
@@ -80,32 +79,32 @@ def test_reader_kv_written_by_the_official_converter_loads(tmp_path):
     tensors[f"model.layers.{reader}.self_attn.k_proj.weight"] = extra
     tensors[f"model.layers.{reader}.self_attn.v_proj.weight"] = extra
     save_file(tensors, file)
-    _, params = checkpoint.load_hf_checkpoint(str(tmp_path), dtype=jnp.float32)
+    _, params = hf_format.load_hf_checkpoint(str(tmp_path), dtype=jnp.float32)
     assert float(params[f"layer_{reader}"]["attn"]["kv_einsum"]["w"][0, 0, 0, 0]) == 0.5
 
 
 @pytest.fixture
 def saved(tmp_path):
     cfg = config.TINY_KEQV
-    checkpoint.save_hf_checkpoint(str(tmp_path), cfg, _random(cfg))
+    hf_format.save_hf_checkpoint(str(tmp_path), cfg, _random(cfg))
     return tmp_path
 
 
 def test_missing_directory(tmp_path):
     with pytest.raises(Gemma4Error, match="checkpoint directory not found"):
-        checkpoint.load_hf_checkpoint(str(tmp_path / "nope"))
+        hf_format.load_hf_checkpoint(str(tmp_path / "nope"))
 
 
 def test_missing_config(saved):
     os.remove(saved / "config.json")
     with pytest.raises(Gemma4Error, match=r"missing config\.json"):
-        checkpoint.load_hf_checkpoint(str(saved))
+        hf_format.load_hf_checkpoint(str(saved))
 
 
 def test_missing_weights(saved):
     os.remove(saved / "model.safetensors")
     with pytest.raises(Gemma4Error, match=r"no \*.safetensors files"):
-        checkpoint.load_hf_checkpoint(str(saved))
+        hf_format.load_hf_checkpoint(str(saved))
 
 
 def test_truncated_weights(saved):
@@ -113,14 +112,14 @@ def test_truncated_weights(saved):
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])
     with pytest.raises(Gemma4Error, match=r"truncated|not a readable safetensors"):
-        checkpoint.load_hf_checkpoint(str(saved))
+        hf_format.load_hf_checkpoint(str(saved))
 
 
 def test_corrupt_header(saved):
     file = saved / "model.safetensors"
     file.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\x00" * 64)
     with pytest.raises(Gemma4Error, match="not a readable safetensors"):
-        checkpoint.load_hf_checkpoint(str(saved))
+        hf_format.load_hf_checkpoint(str(saved))
 
 
 def _edit_config(path, **changes):
@@ -133,35 +132,42 @@ def _edit_config(path, **changes):
 def test_config_weights_shape_mismatch(saved):
     _edit_config(saved, intermediate_size=128)
     with pytest.raises(
-        Gemma4Error, match=r"shape mismatch for layer_0/mlp/gating_einsum: .*config expects \(2, 128, 64\)"
+        Gemma4Error,
+        match=r"shape mismatch for layer_0/mlp/gating_einsum: layers.0.mlp.gate_proj.weight has shape \(96, 64\), "
+        r"expected \(128, 64\)",
     ):
-        checkpoint.load_hf_checkpoint(str(saved))
+        hf_format.load_hf_checkpoint(str(saved))
 
 
 def test_config_with_more_layers_than_weights(saved):
     layer_types = json.loads((saved / "config.json").read_text())["layer_types"]
     _edit_config(saved, num_hidden_layers=9, layer_types=layer_types + layer_types[:3])
     with pytest.raises(Gemma4Error, match=r"missing tensors layers\.6\."):
-        checkpoint.load_hf_checkpoint(str(saved))
+        hf_format.load_hf_checkpoint(str(saved))
 
 
 def test_config_with_fewer_layers_than_weights(saved):
     layer_types = json.loads((saved / "config.json").read_text())["layer_types"]
     _edit_config(saved, num_hidden_layers=3, layer_types=layer_types[:3])
     with pytest.raises(Gemma4Error, match="tensors not in a 3-layer config"):
-        checkpoint.load_hf_checkpoint(str(saved))
+        hf_format.load_hf_checkpoint(str(saved))
 
 
 def test_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
     cfg = config.TINY_KEQV
 
-    def crash(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise KeyboardInterrupt
+    from gemma4_jax import files
 
-    monkeypatch.setattr("safetensors.numpy.save_file", crash)
+    write = files.SafetensorsWriter.write
+    written = []
+
+    def crash(self, name, array):  # a few tensors reach the file, then the run is interrupted
+        write(self, name, array)
+        written.append(name)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.SafetensorsWriter, "write", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_hf_checkpoint(str(tmp_path / "out"), cfg, _random(cfg))
-    assert os.listdir(tmp_path / "out") == []
-    shutil.rmtree(tmp_path / "out")
+        hf_format.save_hf_checkpoint(str(tmp_path / "out"), cfg, _random(cfg))
+    assert len(written) == 3 and os.listdir(tmp_path) == []  # no output, no temporary

@@ -11,7 +11,7 @@ import pytest
 from references import gemma4_chat_template
 from tokenizer_fixture import write_tokenizer
 
-from gemma4_jax import checkpoint, cli, config, model
+from gemma4_jax import cli, config, hf_format, model
 from gemma4_jax.tokenizer import load_tokenizer
 
 
@@ -19,7 +19,7 @@ from gemma4_jax.tokenizer import load_tokenizer
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
     cfg = config.TINY_KEQV
-    checkpoint.save_hf_checkpoint(str(path), cfg, model.init_params(cfg, 3, jnp.float32))
+    hf_format.save_hf_checkpoint(str(path), cfg, model.init_params(cfg, 3, jnp.float32))
     write_tokenizer(str(path), chat_template=gemma4_chat_template())
     return path
 
@@ -54,7 +54,7 @@ def test_generate_text_prompt_streams_text(capsys, ckpt):
     assert code == 0, err
     prompt = tok.encode("The capital of France", add_bos=True)
     assert prompt[0] == 2 and prompt.count(2) == 1
-    cfg, params = checkpoint.load_hf_checkpoint(str(ckpt))
+    cfg, params = hf_format.load_hf_checkpoint(str(ckpt))
     from gemma4_jax.sampler import Sampler, SamplingConfig
 
     expected = Sampler(cfg, params, SamplingConfig(), stop_tokens=()).generate([prompt], 12).tokens[0]
@@ -82,7 +82,7 @@ def test_logits_equal_a_full_forward(capsys, ckpt, tmp_path):
     code, out, _ = _run(capsys, "logits", "--checkpoint", str(ckpt), "--tokens", "2,15,27", "--out", str(out_file))
     assert code == 0 and "wrote" in out
     logits = np.load(out_file)
-    cfg, params = checkpoint.load_hf_checkpoint(str(ckpt), dtype=jnp.float32)
+    cfg, params = hf_format.load_hf_checkpoint(str(ckpt), dtype=jnp.float32)
     expected, _ = jax.jit(model.apply, static_argnames="config")(params, np.array([[2, 15, 27]]), config=cfg)
     assert logits.dtype == np.float32 and logits.shape == (3, cfg.vocab_size)
     np.testing.assert_array_equal(logits, np.asarray(expected[0]))

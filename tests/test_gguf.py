@@ -45,11 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gemma4_jax.export import gguf as gguf_export
 from references import llama_cpp_gelu
 from tokenizer_fixture import write_tokenizer
 
-from gemma4_jax import checkpoint, cli, config, model
+from gemma4_jax import cli, config, hf_format, model, param_spec
+from gemma4_jax.export import gguf as gguf_export
 from gemma4_jax.sampler import Sampler, SamplingConfig
 
 # llama.cpp's CPU GELU is a float16 lookup table (GGML_GELU_FP16 in ggml-cpu/vec.h: input rounded to f16, output
@@ -113,7 +113,7 @@ class Case:
         self.name, self.cfg = name, CASES[name]
         self.params = decisive_params(name) if params is None else params
         self.ckpt = os.path.join(root, "ckpt")
-        checkpoint.save_hf_checkpoint(self.ckpt, self.cfg, self.params)
+        hf_format.save_hf_checkpoint(self.ckpt, self.cfg, self.params)
         for file in os.listdir(tokenizer_dir):
             with open(os.path.join(tokenizer_dir, file), "rb") as src, open(os.path.join(self.ckpt, file), "wb") as dst:
                 dst.write(src.read())
@@ -171,18 +171,25 @@ def jax_run(cfg, params, tokens: list[int], new_tokens: int) -> tuple[np.ndarray
     return logits, greedy, full
 
 
+def gguf_names(cfg) -> dict[str, str]:
+    """HF name -> GGUF name of every tensor llama.cpp has (from the parameter spec)."""
+    return {
+        n: g for leaf in param_spec.param_spec(cfg) if not leaf.unused for n, g in zip(leaf.hf, leaf.gguf, strict=True)
+    }
+
+
 def dequantized_params(path: str, cfg):
     """The parameter tree of the weights as stored in the GGUF file, dequantized by gguf-py."""
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
 
     def read(hf_name: str):
-        tensor = tensors.get(gguf_export.gguf_name(hf_name))
+        tensor = tensors.get(gguf_names(cfg).get(hf_name))
         if tensor is None:
             return None  # KV-shared readers' K/V (not in the file, unused by the model)
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         return np.asarray(values, np.float32).reshape([int(n) for n in reversed(tensor.shape)])
 
-    return checkpoint.params_from_hf(cfg, read, jnp.float32, source=path)
+    return hf_format.params_from_hf(cfg, read, jnp.float32, source=path)
 
 
 def _check_greedy(ours: list[int], theirs: list[int], full_logits: np.ndarray, err: float, what: str) -> None:
@@ -236,7 +243,12 @@ def test_file_contents(case, tokenizer_dir):
     import json
 
     cfg = case.cfg
-    expected_shapes = {gguf_export.gguf_name(n): s for n, s in gguf_export.hf_shapes(cfg).items()}
+    expected_shapes = {
+        g: shape
+        for leaf in param_spec.param_spec(cfg)
+        if not leaf.unused
+        for g, shape in zip(leaf.gguf, leaf.hf_shapes, strict=True)
+    }
     expected_shapes[gguf_export.ROPE_FREQS] = (cfg.global_head_dim // 2,)
     with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
         tokenizer = json.load(f)
@@ -317,7 +329,7 @@ def test_kv_sharing_llama_cpp_cannot_express(tmp_path, capsys, tokenizer_dir):
     """llama.cpp reads shared K/V from the last two owner layers; a config whose readers use others is refused."""
     cfg = config.get_config("tiny").replace(num_kv_shared_layers=4)  # owners 0-4 end L, L: no global owner last
     ckpt = str(tmp_path / "ckpt")
-    checkpoint.save_hf_checkpoint(ckpt, cfg, model.init_params(cfg, 0, jnp.float32))
+    hf_format.save_hf_checkpoint(ckpt, cfg, model.init_params(cfg, 0, jnp.float32))
     out = str(tmp_path / "out.gguf")
     code, _, err = _cli(capsys, "export", "gguf", "--checkpoint", ckpt, "--tokenizer", tokenizer_dir, "-o", out)
     assert code == 2 and "llama.cpp" in err and "KV-shared layer" in err
@@ -355,7 +367,7 @@ def test_random_weights_export(tmp_path, capsys, tokenizer_dir):
     assert code == 0 and stdout.startswith(f"wrote {out}: gemma4 GGUF q8_0")
     assert os.listdir(tmp_path) == ["demo.gguf"]
     reader = gguf.GGUFReader(out)
-    assert len(reader.tensors) == len(gguf_export.hf_shapes(CASES["tiny_moe"])) + 1
+    assert len(reader.tensors) == len(gguf_names(CASES["tiny_moe"])) + 1  # + rope_freqs
 
 
 # Runs the real CLI in a child process that pauses (and announces it) after writing part of the tensor data.
@@ -389,15 +401,17 @@ def test_killed_export_leaves_no_file(tmp_path, tokenizer_dir):
             assert time.time() < deadline, "the export never reached the pause"
             time.sleep(0.05)
         partial = list(out_dir.iterdir())
-        assert len(partial) == 1 and partial[0].name.startswith(".tmp-") and partial[0].stat().st_size > 0
-        assert not out.exists()
+        assert len(partial) == 1 and partial[0].name.startswith(".model.gguf.gemma4-jax-tmp-")
+        assert partial[0].stat().st_size > 0 and not out.exists()
         child.send_signal(signal.SIGKILL)
         assert child.wait(timeout=30) == -signal.SIGKILL
     finally:
         if child.poll() is None:
             child.kill()
         child.stderr.close()
-    assert not out.exists()  # the partial file never takes the destination's name
+    assert not out.exists() and partial[0].exists()  # the partial file never takes the destination's name
+    assert cli.main(argv) == 0  # the next run of the same export removes the killed run's temporary
+    assert [p.name for p in out_dir.iterdir()] == ["model.gguf"]
 
 
 def test_bf16_checkpoint_exports_exact_values(tmp_path, capsys, tokenizer_dir):
@@ -407,8 +421,8 @@ def test_bf16_checkpoint_exports_exact_values(tmp_path, capsys, tokenizer_dir):
     cfg = CASES["tiny_keqv"]
     ckpt = str(tmp_path / "ckpt")
     params = model.init_params(cfg, 5, jnp.bfloat16)
-    checkpoint.save_hf_checkpoint(ckpt, cfg, params)
-    hf = dict(checkpoint.params_to_hf(cfg, params, prefix=""))
+    hf_format.save_hf_checkpoint(ckpt, cfg, params)
+    hf = dict(hf_format.params_to_hf(cfg, params, prefix=""))
     for quant in ("bf16", "f32"):
         out = str(tmp_path / f"{quant}.gguf")
         code, _, err = _cli(
@@ -417,7 +431,7 @@ def test_bf16_checkpoint_exports_exact_values(tmp_path, capsys, tokenizer_dir):
         assert code == 0, err
         tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
         for hf_name, value in hf.items():
-            t = tensors[gguf_export.gguf_name(hf_name)]
+            t = tensors[gguf_names(cfg)[hf_name]]
             stored = np.asarray(t.data)
             if t.tensor_type == gguf.GGMLQuantizationType.BF16:
                 stored = stored.view(ml_dtypes.bfloat16)

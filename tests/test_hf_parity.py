@@ -18,7 +18,7 @@ import pytest
 import torch
 from hf_reference import full_float64, hf_model
 
-from gemma4_jax import checkpoint, config, model
+from gemma4_jax import config, hf_format, model
 from gemma4_jax.sampler import Sampler
 
 CONFIGS = ["tiny", "tiny_keqv", "tiny_moe"]
@@ -48,7 +48,7 @@ def _hf_logits(hf, tokens, precision):
 
 
 def _load(path, precision):
-    return checkpoint.load_hf_checkpoint(path, dtype=jnp.dtype(precision))[1]
+    return hf_format.load_hf_checkpoint(path, dtype=jnp.dtype(precision))[1]
 
 
 # One compiled forward shared by all tests (config is static; shapes are kept few on purpose).

@@ -24,9 +24,9 @@ import os
 import decisive
 import numpy as np
 import pytest
-from gemma4_jax.export import litert, litert_graph
 
 from gemma4_jax import cli, config
+from gemma4_jax.export import litert, litert_graph
 
 PREFILL_LEN, CACHE_LEN, DECODE_STEPS = 16, 64, 16
 PROMPT = [2, *range(300, 311)]  # BOS + 11 tokens: longer than the sliding window (4)
@@ -50,7 +50,7 @@ def tokenizer_dir(tmp_path_factory):
 def exported(request, tmp_path_factory, tokenizer_dir):
     """A model trained to be decisive (tests/decisive.py), saved as a checkpoint and exported (float) through the
     CLI; (config, params, output dir)."""
-    from gemma4_jax.checkpoint import save_hf_checkpoint
+    from gemma4_jax.hf_format import save_hf_checkpoint
 
     cfg = config.get_config(request.param)
     params = decisive.train_decisive(cfg, decisive.conditioned_init(cfg, SEEDS[request.param]), PROMPT, TARGET)
@@ -131,7 +131,7 @@ def test_quantized_matches_jax_on_quantized_weights(exported, quant, tmp_path, m
         monkeypatch.setattr(litert_graph, "TABLE_PART_ELEMENTS", 1)
     weights, paths = _quantized_models(cfg, params, bits, str(tmp_path))
     if cfg.per_layer_input_dim:
-        assert len(weights.per_layer_table.values) == (cfg.num_layers if quant == "int4" else 1)
+        assert len(weights[litert_graph.PLE_TABLE].values) == (cfg.num_layers if quant == "int4" else 1)
     reference = litert.graph_reference(cfg, weights, PROMPT, DECODE_STEPS + 1, CACHE_LEN)
     # The weights: the twin (float compute on the same quantized weights and tables) equals JAX on them.
     twin = paths["twin"]
@@ -193,7 +193,7 @@ def test_quantized_weights_equal_ai_edge_quantizer(exported, quant, tmp_path):
     oracle = _weight_tensors(bytes(q.quantize(enable_progress_bar=False).quantized_model))
     weights, paths = _quantized_models(cfg, params, bits, str(tmp_path))
     ours = _weight_tensors(_read(paths["dynamic"]["model.tflite"]))
-    matrices = set(litert_graph.named_tensors(weights)) - {"embedding", "per_layer_table"}
+    matrices = set(litert_graph.named_tensors(weights)) - {litert_graph.EMBEDDING, litert_graph.PLE_TABLE}
     assert {name for _, name in ours} == {f"{sig}_{name}" for sig in ("prefill", "decode") for name in matrices}
     assert set(ours) == set(oracle)
     for key, tensor in ours.items():
@@ -207,7 +207,7 @@ def test_int4_keeps_per_layer_inputs_at_8_bits(exported, tmp_path):
     cfg, params, _ = exported
     _, paths = _quantized_models(cfg, params, 4, str(tmp_path))
     tensors = _weight_tensors(_read(paths["dynamic"]["model.tflite"]))
-    ple = {name for _, name in tensors if "ple_" in name or "per_layer_model_projection" in name}
+    ple = {name for _, name in tensors if "per_layer_" in name}  # input gate, projection, context projection
     if cfg.per_layer_input_dim:
         # gate + projection per layer and the context projection, in both signatures
         assert len(ple) == 2 * (2 * cfg.num_layers + 1)
@@ -294,5 +294,7 @@ def test_bad_arguments_write_nothing(tmp_path, capsys):
     assert "exceeds --cache-len" in capsys.readouterr().err
     assert not out.exists()
     out.mkdir()
+    (out / "keep.txt").write_text("mine")
     assert cli.main(["export", "litert", "--variant", "tiny", "-o", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "exists and is not an empty directory" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma4_jax import checkpoint, cli, config, model, ple
+from gemma4_jax import cli, config, hf_format, model, ple
 from gemma4_jax.errors import Gemma4Error
 from gemma4_jax.sampler import Sampler, SamplingConfig
 
@@ -27,7 +27,7 @@ def _params():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ple_ckpt")
-    checkpoint.save_hf_checkpoint(str(path), CFG, _params())
+    hf_format.save_hf_checkpoint(str(path), CFG, _params())
     return path
 
 

@@ -9,6 +9,7 @@ References used here and nowhere in gemma4_jax.quant:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,9 +22,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from gemma4_jax import checkpoint, cli, model, quant
+from gemma4_jax import api, cli, hf_format, model, param_spec, quant
 from gemma4_jax.config import get_config
-from gemma4_jax.quant import leaf_name
+from gemma4_jax.quant import JaxPolicy, QuantSpec, codecs
+from gemma4_jax.quant.weight import sfp8_decode_jax
 
 # ----- SFP8: an independent reading of the format ----------------------------------------------------------
 
@@ -82,20 +84,20 @@ REFERENCE_TABLE = np.array([reference_decode(c) for c in range(256)], np.float64
 
 
 def test_sfp8_all_256_codes():
-    ours = quant.sfp8_decode(np.arange(256, dtype=np.uint8))
+    ours = codecs.sfp8_decode(np.arange(256, dtype=np.uint8))
     np.testing.assert_array_equal(ours.astype(np.float64), REFERENCE_TABLE)
     assert np.signbit(ours[0x80]) and not np.signbit(ours[0])
-    on_device = np.asarray(jax.jit(quant.sfp8_decode_jax)(jnp.arange(256, dtype=jnp.uint8)))
+    on_device = np.asarray(jax.jit(sfp8_decode_jax)(jnp.arange(256, dtype=jnp.uint8)))
     np.testing.assert_array_equal(on_device.view(np.uint32), ours.view(np.uint32))
     # Every code but -0 round-trips; the largest magnitude is 1.875, the smallest 1.25·2^-23.
     codes = np.array([c for c in range(256) if c != 0x80], np.uint8)
-    np.testing.assert_array_equal(quant.sfp8_encode_unscaled(REFERENCE_TABLE[codes].astype(np.float32)), codes)
-    assert quant.sfp8_encode_unscaled(np.float32([-0.0]))[0] == 0x00
+    np.testing.assert_array_equal(codecs.sfp8_encode_unscaled(REFERENCE_TABLE[codes].astype(np.float32)), codes)
+    assert codecs.sfp8_encode_unscaled(np.float32([-0.0]))[0] == 0x00
     assert REFERENCE_TABLE.max() == 1.875 and REFERENCE_TABLE[1] == 1.25 * 2.0**-23
 
 
 def _check_against_reference(x: np.ndarray):
-    codes = quant.sfp8_encode_unscaled(x)
+    codes = codecs.sfp8_encode_unscaled(x)
     assert codes.dtype == np.uint8 and codes.shape == x.shape
     assert not np.any(codes == 0x80), "0x80 (-0) must never be written"
     expected = np.array([reference_encode_value(float(v)) for v in x.ravel()]).reshape(x.shape)
@@ -125,37 +127,37 @@ def test_sfp8_ties_round_to_even_and_edges():
     ties = np.array(ties, np.float32)
     _check_against_reference(np.concatenate([ties, -ties, np.array(above, np.float32)]))
     # Ties go to the even mantissa: 1.0625 -> 1.0 (m=0), 1.1875 -> 1.25 (m=2), 1.9375·2^-1 -> 1.0.
-    values = quant.sfp8_decode(quant.sfp8_encode_unscaled(np.float32([1.0625, 1.1875, 0.96875])))
+    values = codecs.sfp8_decode(codecs.sfp8_encode_unscaled(np.float32([1.0625, 1.1875, 0.96875])))
     np.testing.assert_array_equal(values, [1.0, 1.25, 1.0])
     # Zero, the smallest code and its neighbourhood, bf16-chopped inputs, the maximum.
     edges = [0, -0.0, 2.0**-25, 2.0**-24, 1.8 * 2**-24, 1.875 * 2**-24, 2.0**-23, 1.1 * 2**-23, 1.125 * 2**-23]
     edges += [1.375 * 2**-23, 2.0**-8, 1.9 * 2**-8, 2.0**-7, 1.875, 1.87, 1.0 + 2.0**-20, 1e-30, 1e-45]
     edges = np.float32(edges)
     _check_against_reference(np.concatenate([edges, -edges]))
-    assert quant.sfp8_encode_unscaled(np.float32([1.875 * 2**-24]))[0] == 0x01  # rounds up, bumped to 1.25·2^-23
-    assert quant.sfp8_encode_unscaled(np.float32([-(2.0**-25)]))[0] == 0x00
+    assert codecs.sfp8_encode_unscaled(np.float32([1.875 * 2**-24]))[0] == 0x01  # rounds up, bumped to 1.25·2^-23
+    assert codecs.sfp8_encode_unscaled(np.float32([-(2.0**-25)]))[0] == 0x00
 
 
 def test_sfp8_scale_handling():
     rng = np.random.default_rng(1)
     x = np.clip(rng.standard_normal((64, 48)), -3, 3).astype(np.float32) * 2
     x[5, 7] = -7.25  # the largest magnitude is negative
-    codes, scale = quant.sfp8_encode(x)
+    codes, scale = codecs.sfp8_encode(x)
     scaled, expected_scale = reference_scale(x)
     assert scale == expected_scale == np.float32(7.25 / 1.875)
     assert codes[5, 7] == 0xFF  # -1.875
     _check_against_reference(scaled.astype(np.float32))
-    np.testing.assert_array_equal(codes, quant.sfp8_encode_unscaled(scaled.astype(np.float32)))
-    decoded = quant.sfp8_decode(codes, scale)
+    np.testing.assert_array_equal(codes, codecs.sfp8_encode_unscaled(scaled.astype(np.float32)))
+    decoded = codecs.sfp8_decode(codes, scale)
     assert decoded[5, 7] == np.float32(-1.875) * scale
     # 3 mantissa bits above 2^-7 (relative error <= 1/16 after rounding from a chopped value: < 1/8 bound).
     big = np.abs(x) / scale >= 2.0**-7
     assert np.all(np.abs(decoded - x)[big] <= np.abs(x)[big] / 8)
     # Up to 1.875 nothing is scaled; all zeros encode to 0x00 with scale 1.
     small = np.float32([[1.875, -1.875, 0.5]])
-    codes, scale = quant.sfp8_encode(small)
+    codes, scale = codecs.sfp8_encode(small)
     assert scale == 1 and list(codes[0]) == [0x7F, 0xFF, 0x70]
-    codes, scale = quant.sfp8_encode(np.zeros((3, 4), np.float32))
+    codes, scale = codecs.sfp8_encode(np.zeros((3, 4), np.float32))
     assert scale == 1 and not codes.any()
 
 
@@ -180,8 +182,8 @@ def _ggml_cases() -> list[np.ndarray]:
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
 def test_ggml_bytes_identical_to_gguf(qtype):
     encode, decode = {
-        "Q8_0": (quant.q8_0_encode, quant.q8_0_decode),
-        "Q4_0": (quant.q4_0_encode, quant.q4_0_decode),
+        "Q8_0": (codecs.q8_0_encode, codecs.q8_0_decode),
+        "Q4_0": (codecs.q4_0_encode, codecs.q4_0_decode),
     }[qtype]
     for x in _ggml_cases():
         ours = encode(x)
@@ -205,12 +207,15 @@ def test_int8_int4_error_bounds(block):
     x = rng.standard_normal((5, 7, 256)).astype(np.float32) * rng.uniform(0.01, 10, (5, 7, 1)).astype(np.float32)
     x[0, 0] = 0
     for name, qmax in (("int8", 127), ("int4", 7)):
-        quantize = getattr(quant, f"{name}_quantize")
+        quantize = getattr(codecs, f"{name}_quantize")
         codes, scales = quantize(x, block)
         nb = 1 if block is None else 256 // block
         assert scales.shape == (5, 7, nb) and scales.dtype == np.float32
         assert codes.shape == ((5, 7, 256) if name == "int8" else (5, 7, 128))
-        back = getattr(quant, f"{name}_dequantize")(codes, scales)
+        if name == "int8":
+            back = codecs.int8_dequantize(codes, scales)
+        else:  # nibbles back to codes -7..7 (element j low, j + block/2 high)
+            back = codecs.int8_dequantize(codecs.unpack_nibbles(codes, block or 256).astype(np.int8) - 8, scales)
         blocks = x.reshape(5, 7, nb, -1)
         np.testing.assert_allclose(scales, np.abs(blocks).max(-1) / qmax, rtol=1e-7)
         err = np.abs(back - x).reshape(5, 7, nb, -1)
@@ -290,7 +295,7 @@ def test_quantized_forward_equals_dense_forward_on_decoded_weights(variant, form
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 11)))
     float_logits = np.asarray(forward(params, tokens, config=cfg)[0])
     for fmt in formats:
-        qparams = quant.quantize_params(params, cfg, fmt)
+        qparams = quant.quantize_params(params, cfg, JaxPolicy(fmt))
         specs = _specs(qparams)
         assert all(v == "float" for k, v in specs.items() if k.endswith("scale") or "router" in k)
         assert any(v.startswith(fmt) for v in specs.values())
@@ -300,7 +305,9 @@ def test_quantized_forward_equals_dense_forward_on_decoded_weights(variant, form
             assert specs.get("embedder/per_layer_embeddings", eight) in (eight, "int8/channel")
             ple_projections = ("per_layer_input_gate", "per_layer_projection", "per_layer_model_projection")
             for k, v in specs.items():
-                if leaf_name(k) in ple_projections:  # int8 where the contraction (P = 16) is no multiple of 32
+                if (
+                    k.endswith("/w") and k.split("/")[-2] in ple_projections
+                ):  # int8 where the contraction (P = 16) is no multiple of 32
                     assert v in (eight, "int8/channel"), (k, v)
         dense = _dense_tree(qparams)
         for (path, w), (_, d) in zip(
@@ -320,7 +327,9 @@ def test_quantized_forward_equals_dense_forward_on_decoded_weights(variant, form
 def test_weight_object_protocol():
     rng = np.random.default_rng(5)
     gating = rng.standard_normal((2, 96, 64)).astype(np.float32)
-    w = quant.quantize_leaf(jnp.asarray(gating), quant.TensorSpec("int4", 32), "layer_0/mlp/gating_einsum")
+    cfg = get_config("tiny")  # gating [2, 96, 64], PLE table [512, 9, 16] ~ its own leaves below
+    leaf = param_spec.leaf_of(cfg, "layer_0/mlp/gating_einsum")
+    w = quant.quantize_leaf(jnp.asarray(gating), QuantSpec("int4", 32), leaf)
     merged = w.reshape(192, 64)
     np.testing.assert_array_equal(np.asarray(merged.materialize(jnp.float32)), independent_dense(w).reshape(192, 64))
     x = jnp.asarray(rng.standard_normal((3, 64)).astype(np.float32))
@@ -330,12 +339,14 @@ def test_weight_object_protocol():
         atol=1e-4,
     )
     table = rng.standard_normal((50, 3, 32)).astype(np.float32)
-    for spec in (quant.TensorSpec("sfp8"), quant.TensorSpec("q4_0", 32), quant.TensorSpec("int8")):
-        t = quant.quantize_leaf(jnp.asarray(table), spec, "embedder/per_layer_embeddings")
+    table_leaf = dataclasses.replace(param_spec.leaf_of(cfg, "embedder/per_layer_embeddings"), shape=table.shape)
+    for spec in (QuantSpec("sfp8"), QuantSpec("q4_0", 32), QuantSpec("int8")):
+        t = quant.quantize_leaf(jnp.asarray(table), spec, table_leaf)
         ids = jnp.asarray([[3, 49], [0, 3]])
         np.testing.assert_array_equal(np.asarray(t.take(ids, jnp.float32)), independent_dense(t)[np.asarray(ids)])
     attn_vec = rng.standard_normal((4, 16, 64)).astype(np.float32)  # contracts N·H = 64: one 32-block spans 2 heads
-    a = quant.quantize_leaf(jnp.asarray(attn_vec), quant.TensorSpec("q4_0", 32), "layer_0/attn/attn_vec_einsum/w")
+    vec_leaf = dataclasses.replace(param_spec.leaf_of(cfg, "layer_0/attn/attn_vec_einsum/w"), shape=attn_vec.shape)
+    a = quant.quantize_leaf(jnp.asarray(attn_vec), QuantSpec("q4_0", 32), vec_leaf)
     assert a.codes.shape == (64, 32) and a.scales.shape == (64, 2)
     ggml = gguf.quants.quantize(attn_vec.reshape(64, 64).T.copy(), T.Q4_0)  # HF o_proj [D, N·H]
     np.testing.assert_array_equal(np.asarray(a.codes), ggml[:, [*range(2, 18), *range(20, 36)]])
@@ -352,7 +363,7 @@ def tiny_checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("float") / "tiny")
     cfg = get_config("tiny")
     params = model.init_params(cfg, 7, jnp.float32)
-    checkpoint.save_hf_checkpoint(path, cfg, params)
+    hf_format.save_hf_checkpoint(path, cfg, params)
     write_tokenizer(path)
     return path, cfg, params
 
@@ -373,9 +384,10 @@ def test_quantize_cli_writes_a_checkpoint_that_loads_and_generates(tiny_checkpoi
     stored = load_file(os.path.join(out, "model.safetensors"))  # the reference reader accepts our file
     assert stored["layer_0/mlp/linear.codes"].dtype == np.uint8
 
-    loaded_cfg, loaded = quant.load_quantized(out, jnp.float32)
+    loaded_model = api.load(out, dtype="float32")
+    loaded_cfg, loaded = loaded_model.config, loaded_model.params
     assert loaded_cfg == cfg.replace(name=loaded_cfg.name)
-    in_memory = quant.quantize_params(params, cfg, "q4_0")
+    in_memory = quant.quantize_params(params, cfg, JaxPolicy("q4_0"))
     tokens = jnp.asarray([[2, 17, 301, 5, 9]])
     forward = jax.jit(model.apply, static_argnames=("config",))
     a = np.asarray(forward(loaded, tokens, config=cfg)[0])
@@ -432,13 +444,14 @@ def test_eval_quant_reports_perplexity_kl_agreement(tiny_checkpoint, tmp_path, c
 
 
 def test_random_source_draws_what_init_params_draws():
-    """`quantize --variant` streams random leaves one at a time; they are the leaves of `init_params`."""
+    """`quantize --variant` streams random leaves one at a time, in any order; they are the leaves of
+    `init_params`."""
+    from gemma4_jax.sources import RandomSource
+
     cfg = get_config("tiny_moe")
     params = model.init_params(cfg, 3, jnp.bfloat16)
-    flat = {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    sources = quant._random_source(cfg, 3, jnp.bfloat16)
-    assert [p for p, _, _ in sources] == list(flat)
-    for path, shape, read in sources:
-        value = read()
-        assert value.shape == shape
-        np.testing.assert_array_equal(value, np.asarray(flat[path]))
+    source = RandomSource(cfg, 3, "bfloat16")
+    for leaf in reversed(source.leaves()):
+        value = source.read(leaf)
+        assert value.shape == leaf.shape and value.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(value, np.asarray(model.tree_get(params, leaf.path)))

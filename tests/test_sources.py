@@ -26,7 +26,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from gemma4_jax import cli, config, model, sources
+from gemma4_jax import api, cli, config, model, orbax_format, param_spec
 from gemma4_jax.errors import Gemma4Error
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -36,15 +36,20 @@ SECRET = "kgl-SECRET-9f8e7d6c5b4a"
 def _random_tree(cfg, seed=0, dtype=BF16, scale_dtype=None):
     """NESTED numpy tree, every leaf random (norm scales/scalars in 0.5..1.5, all distinct) incl. reader K/V."""
     rng = np.random.default_rng(seed)
-    shapes, _ = sources.expected_shapes(cfg)
     tree = {}
-    for path, shape in shapes.items():
-        if len(shape) <= 1:
-            value = (0.5 + rng.random(shape)).astype(scale_dtype or dtype)
+    for leaf in param_spec.param_spec(cfg):
+        if len(leaf.shape) <= 1:
+            value = (0.5 + rng.random(leaf.shape)).astype(scale_dtype or dtype)
         else:
-            value = (rng.standard_normal(shape) * model.init_std(path, shape)).astype(dtype)
-        model.tree_set(tree, path, value)
+            value = (rng.standard_normal(leaf.shape) * leaf.init_std).astype(dtype)
+        model.tree_set(tree, leaf.path, value)
     return tree
+
+
+def load_checkpoint(spec, dtype="bfloat16"):
+    """(config, params, local directory) through the library's loader."""
+    loaded = api.load(spec, dtype=dtype)
+    return loaded.config, loaded.params, loaded.directory
 
 
 _SAVED_BASE = None  # pytest's temporary directory for the checkpoints shared by this module's tests
@@ -69,12 +74,12 @@ def _saved_once(name, layout):
     cfg = config.get_config(name)
     tree = _random_tree(cfg, seed=len(name))
     path = os.path.join(_SAVED_BASE, f"{name}-{layout}")
-    sources.save_orbax(path, tree, layout, cfg)
+    orbax_format.save_orbax(path, tree, layout, cfg)
     return tree, path
 
 
 def _leaves(tree):
-    return dict(sources._flatten(tree))
+    return dict(orbax_format._flatten(tree))
 
 
 def _assert_same_bytes(a: dict, b: dict):
@@ -102,9 +107,9 @@ def test_orbax_checkpoint_matches_hf_copy_and_transformers(tmp_path, name):
     tree, orbax_dir = _saved(name)
     assert _convert("--checkpoint", orbax_dir, "--to", "hf", "-o", str(tmp_path / "hf")) == 0
 
-    got_cfg, from_orbax, _ = sources.load_checkpoint(orbax_dir, jnp.float32)
+    got_cfg, from_orbax, _ = load_checkpoint(orbax_dir, "float32")
     assert got_cfg == cfg  # recognised from the shapes alone
-    _, from_hf, local_dir = sources.load_checkpoint(str(tmp_path / "hf"), jnp.float32)
+    _, from_hf, local_dir = load_checkpoint(str(tmp_path / "hf"), "float32")
     assert local_dir == str(tmp_path / "hf")
     # the stored bf16 values, widened exactly; reader K/V travel too, so the trees are identical
     _assert_same_bytes(from_orbax, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree))
@@ -122,8 +127,8 @@ def test_orbax_checkpoint_matches_hf_copy_and_transformers(tmp_path, name):
 @pytest.mark.parametrize(("name", "layout"), [("tiny", "flat"), ("tiny_moe", "flat"), ("tiny_keqv", "stacked")])
 def test_flat_and_stacked_layouts_load_identically(name, layout):
     tree, path = _saved(name, layout)
-    assert sources.OrbaxCheckpoint(path).layout == layout
-    cfg, params, _ = sources.load_checkpoint(path, jnp.bfloat16)
+    assert orbax_format.OrbaxSource(path).layout == layout
+    cfg, params, _ = load_checkpoint(path, "bfloat16")
     assert cfg == config.get_config(name)
     _assert_same_bytes(params, tree)
     # the on-disk keys really are the legacy ones (dense MLP with a `w`, MoE keeps its own)
@@ -137,21 +142,22 @@ def test_flat_and_stacked_layouts_load_identically(name, layout):
 def test_stacked_layout_needs_equal_layer_shapes():
     cfg = config.TINY_E2B  # KV-shared layers have a double-wide MLP, as on E2B
     with pytest.raises(Gemma4Error, match=r"cannot stack .*gating_einsum"):
-        sources.to_layout(_random_tree(cfg), "stacked", cfg)
+        orbax_format.to_layout(_random_tree(cfg), "stacked", cfg)
 
 
 def test_official_variants_are_recognised_from_shapes():
     for name in ("e2b", "26b_a4b"):
         cfg = config.get_config(name)
-        shapes, optional = sources.expected_shapes(cfg)
-        assert sources.recognise_variant(dict(shapes), "ckpt") == cfg
+        shapes = param_spec.shapes(cfg)
+        optional = {leaf.path for leaf in param_spec.param_spec(cfg) if leaf.unused}
+        assert orbax_format.recognise_variant(dict(shapes), "ckpt") == cfg
         # a checkpoint without the (unused) reader-layer K/V is still that variant
         without_reader_kv = {p: s for p, s in shapes.items() if p not in optional}
-        assert sources.recognise_variant(without_reader_kv, "ckpt") == cfg
-    wrong = dict(sources.expected_shapes(config.E2B)[0])
+        assert orbax_format.recognise_variant(without_reader_kv, "ckpt") == cfg
+    wrong = dict(param_spec.shapes(config.E2B))
     wrong[("layer_3", "mlp", "linear")] = (6000, 1536)
     with pytest.raises(Gemma4Error, match=r"nearest is e2b, but tensor layer_3/mlp/linear has shape \(6000, 1536\)"):
-        sources.recognise_variant(wrong, "ckpt")
+        orbax_format.recognise_variant(wrong, "ckpt")
 
 
 # ----- convert: lossless both ways, atomic, tokenizer files along --------------------------------------
@@ -162,7 +168,7 @@ def test_round_trip_orbax_hf_orbax_is_bit_exact(tmp_path, capsys):
     # bf16 weights with float32 norm scales: dtypes travel as stored
     tree = _random_tree(cfg, seed=7, scale_dtype=np.float32)
     src = tmp_path / "kaggle"
-    sources.save_orbax(str(src / "gemma-4-tiny"), tree)
+    orbax_format.save_orbax(str(src / "gemma-4-tiny"), tree)
     for name in ("tokenizer.model", "chat_template.jinja", "generation_config.json"):
         (src / name).write_text(f"contents of {name}")
 
@@ -188,18 +194,18 @@ def test_round_trip_orbax_hf_orbax_is_bit_exact(tmp_path, capsys):
 
 def test_flat_output_layout_and_reader_kv_zeros(tmp_path):
     """An HF copy without reader-layer K/V (as transformers writes them) gets zeros in the official tree."""
-    from gemma4_jax import checkpoint
+    from gemma4_jax import hf_format
 
     cfg = config.get_config("tiny")
     params = jax.tree_util.tree_map(jnp.asarray, _random_tree(cfg, seed=3))
-    checkpoint.save_hf_checkpoint(str(tmp_path / "hf"), cfg, params)
+    hf_format.save_hf_checkpoint(str(tmp_path / "hf"), cfg, params)
     out = tmp_path / "flat"
     assert _convert("--checkpoint", str(tmp_path / "hf"), "--to", "orbax", "--layout", "flat", "-o", str(out)) == 0
-    assert sources.OrbaxCheckpoint(str(out)).layout == "flat"
+    assert orbax_format.OrbaxSource(str(out)).layout == "flat"
     restored = _leaves(ocp.StandardCheckpointer().restore(str(out)))
     reader = cfg.first_kv_shared_layer
     assert not np.any(np.asarray(restored[(f"transformer/layer_{reader}/attn/kv_einsum", "w")], np.float32))
-    _, loaded, _ = sources.load_checkpoint(str(out), jnp.bfloat16)
+    _, loaded, _ = load_checkpoint(str(out), "bfloat16")
     np.testing.assert_array_equal(
         np.asarray(loaded["layer_0"]["mlp"]["gating_einsum"]).view(np.uint16),
         np.asarray(params["layer_0"]["mlp"]["gating_einsum"]).view(np.uint16),
@@ -211,12 +217,12 @@ def test_multimodal_weights_need_text_only(tmp_path, capsys):
     tree = _random_tree(cfg)
     tree["vision_encoder"] = {"entry": {"input_projection": {"w": np.ones((4, 4), np.float32)}}}
     tree["embedder"]["mm_input_projection"] = {"w": np.ones((4, cfg.embed_dim), np.float32)}
-    sources.save_orbax(str(tmp_path / "mm"), tree)
+    orbax_format.save_orbax(str(tmp_path / "mm"), tree)
     out = tmp_path / "hf"
     assert _convert("--checkpoint", str(tmp_path / "mm"), "--to", "hf", "-o", str(out)) == 2
     assert "--text-only" in capsys.readouterr().err and not out.exists()
     assert _convert("--checkpoint", str(tmp_path / "mm"), "--to", "hf", "-o", str(out), "--text-only") == 0
-    _, params, _ = sources.load_checkpoint(str(tmp_path / "mm"), jnp.bfloat16)  # the encoders stay unread
+    _, params, _ = load_checkpoint(str(tmp_path / "mm"), "bfloat16")  # the encoders stay unread
     assert "vision_encoder" not in params and "mm_input_projection" not in params["embedder"]
 
 
@@ -268,7 +274,7 @@ def test_corrupt_or_partial_orbax(tmp_path, capsys, damage):
                 shutil.rmtree(ckpt / name) if (ckpt / name).is_dir() else os.remove(ckpt / name)
         match = "cannot read tensor|not a readable orbax checkpoint"
     with pytest.raises(Gemma4Error, match=match):
-        sources.load_checkpoint(str(ckpt))
+        load_checkpoint(str(ckpt))
     out = str(tmp_path / "hf")
     _fails(capsys, ["convert", "--checkpoint", str(ckpt), "--to", "hf", "-o", out], match, out)
 
@@ -277,11 +283,11 @@ def test_mismatched_shapes_name_the_tensor(tmp_path, capsys):
     cfg = config.get_config("tiny")
     tree = _random_tree(cfg)
     tree["layer_2"]["attn"]["q_einsum"]["w"] = np.zeros((3, 64, 32), BF16)
-    sources.save_orbax(str(tmp_path / "bad"), tree)
+    orbax_format.save_orbax(str(tmp_path / "bad"), tree)
     with pytest.raises(
         Gemma4Error, match=r"nearest is tiny, but tensor layer_2/attn/q_einsum/w has shape \(3, 64, 32\)"
     ):
-        sources.load_checkpoint(str(tmp_path / "bad"))
+        load_checkpoint(str(tmp_path / "bad"))
     out = str(tmp_path / "hf")
     argv = ["convert", "--checkpoint", str(tmp_path / "bad"), "--variant", "tiny", "--to", "hf", "-o", out]
     _fails(capsys, argv, r"--variant tiny does not match the checkpoint: tensor layer_2/attn/q_einsum/w", out)
@@ -299,7 +305,11 @@ def test_wrong_variant_and_config(tmp_path, capsys):
     argv = ["logits", "--checkpoint", str(ckpt), "--variant", "tiny", "--config", str(config_file), "--tokens", "2"]
     _fails(capsys, [*argv, "--out", npy], "give --variant or --config, not both", npy)
     # convert never writes into an existing directory
-    _fails(capsys, ["convert", "--checkpoint", str(ckpt), "--to", "orbax", "-o", str(ckpt)], "already exists")
+    _fails(
+        capsys,
+        ["convert", "--checkpoint", str(ckpt), "--to", "orbax", "-o", str(ckpt)],
+        "exists and is not an empty directory",
+    )
     assert sorted(os.listdir(ckpt)) == sorted(os.listdir(_saved("tiny")[1]))
 
 
@@ -352,7 +362,7 @@ def test_kaggle_source(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(kagglehub, "model_download", _kaggle_download(tmp_path, calls))
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
     monkeypatch.setenv("KAGGLE_KEY", SECRET)
-    cfg, params, local_dir = sources.load_checkpoint("kaggle:google/gemma-4/flax/gemma-4-tiny/1")
+    cfg, params, local_dir = load_checkpoint("kaggle:google/gemma-4/flax/gemma-4-tiny/1")
     assert calls == ["google/gemma-4/flax/gemma-4-tiny/1"]
     assert cfg == config.get_config("tiny")
     _assert_same_bytes(params, _saved("tiny")[0])
@@ -391,7 +401,7 @@ def test_hf_source(tmp_path, monkeypatch):
         return hf_dir
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    cfg, params, local_dir = sources.load_checkpoint("hf:google/gemma-4-tiny@main", jnp.bfloat16)
+    cfg, params, local_dir = load_checkpoint("hf:google/gemma-4-tiny@main", "bfloat16")
     assert calls == [("google/gemma-4-tiny", "main")] and local_dir == hf_dir
     assert cfg.replace(name="tiny_keqv") == config.get_config("tiny_keqv")
     _assert_same_bytes(params, _saved("tiny_keqv")[0])

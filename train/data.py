@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gemma4_jax.errors import Gemma4Error
+from gemma4_jax.files import read_text
 
 ANSWER_ROLES = ("assistant", "model")
 END_OF_TURN = "<turn|>"
@@ -106,35 +107,33 @@ def load_dataset(paths: Sequence[str], tokenizer, seq_len: int) -> Dataset:
     for path in paths:
         if not os.path.isfile(path):
             raise Gemma4Error(f"data file not found: {path}")
+        text = read_text(path)  # UTF-8, or one error line naming the offset
         if not path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
             if text.strip():
                 examples += text_examples(tokenizer, text, seq_len)
             continue
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise Gemma4Error(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if isinstance(record, dict) and "messages" in record:
+                _check_messages(record["messages"], where)
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise Gemma4Error(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-                if isinstance(record, dict) and "messages" in record:
-                    _check_messages(record["messages"], where)
-                    try:
-                        example = chat_example(tokenizer, record["messages"])
-                    except Gemma4Error as e:
-                        raise Gemma4Error(f"{where}: {e}") from None
-                    if len(example.tokens) > seq_len + 1:
-                        dropped += 1
-                    else:
-                        examples.append(example)
-                elif isinstance(record, dict) and isinstance(record.get("text"), str):
-                    examples += text_examples(tokenizer, record["text"], seq_len)
+                    example = chat_example(tokenizer, record["messages"])
+                except Gemma4Error as e:
+                    raise Gemma4Error(f"{where}: {e}") from None
+                if len(example.tokens) > seq_len + 1:
+                    dropped += 1
                 else:
-                    raise Gemma4Error(f'{where}: expected {{"messages": [...]}} or {{"text": "..."}}')
+                    examples.append(example)
+            elif isinstance(record, dict) and isinstance(record.get("text"), str):
+                examples += text_examples(tokenizer, record["text"], seq_len)
+            else:
+                raise Gemma4Error(f'{where}: expected {{"messages": [...]}} or {{"text": "..."}}')
     if not examples:
         why = f" (all {dropped} chats are longer than --seq-len {seq_len}; they are dropped)" if dropped else ""
         raise Gemma4Error(f"no training examples in {', '.join(paths)}{why}")

@@ -14,19 +14,19 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from gemma4_jax.train import lora as lora_lib
-from gemma4_jax.train.data import Batches, Rows
 
 from gemma4_jax import model
 from gemma4_jax.config import Gemma4Config
 from gemma4_jax.errors import Gemma4Error
+from gemma4_jax.files import Progress
+from gemma4_jax.train import lora as lora_lib
+from gemma4_jax.train.data import Batches, Rows
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -168,6 +168,16 @@ def save_checkpoint(manager, step: int, adapters, opt_state, meta: dict) -> None
     manager.wait_until_finished()
 
 
+def read_meta(manager, step: int) -> dict:
+    """The JSON side of a checkpoint (run settings, data position), read without the arrays."""
+    import orbax.checkpoint as ocp
+
+    try:
+        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    except Exception as e:  # orbax raises many types for a damaged checkpoint
+        raise Gemma4Error(f"checkpoint {step} cannot be read ({type(e).__name__}: {e})") from None
+
+
 def restore_checkpoint(manager, step: int, adapters, opt_state) -> tuple[dict, object, dict]:
     import orbax.checkpoint as ocp
 
@@ -180,43 +190,20 @@ def restore_checkpoint(manager, step: int, adapters, opt_state) -> tuple[dict, o
     return restored.state["adapters"], restored.state["opt_state"], dict(restored.meta)
 
 
-# ----- progress ----------------------------------------------------------------------------------------------
+class TokenRate:
+    """Training tokens per second, from the second step on (the first one compiles)."""
 
+    def __init__(self):
+        self.t0: float | None = None
+        self.tokens = 0.0
 
-class Progress:
-    """One line per update: a bar, the loss, training tokens/s and the ETA (redrawn in place on a terminal)."""
-
-    def __init__(self, total: int, start: int, stream=sys.stderr):
-        self.total, self.start, self.stream = total, start, stream
-        self.tty = stream.isatty()
-        self.every = 1 if self.tty else max(1, (total - start) // 20)
-        self.t0: float | None = None  # after the first (compiling) step
-        self.tokens_since = 0.0
-
-    def update(self, step: int, loss: float, tokens: float) -> float:
+    def update(self, tokens: float) -> float:
         now = time.perf_counter()
         if self.t0 is None:
-            self.t0, self.first = now, step
-            rate = float("nan")
-        else:
-            self.tokens_since += tokens
-            rate = self.tokens_since / max(now - self.t0, 1e-9)
-        if step % self.every == 0 or step == self.total:
-            done = step - self.first
-            eta = (now - self.t0) / done * (self.total - step) if done else float("nan")
-            eta_text = "?" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
-            width = 20
-            filled = int(width * step / self.total)
-            bar = "#" * filled + "." * (width - filled)
-            rate_text = "-" if math.isnan(rate) else f"{rate:,.0f}"
-            line = f"step {step}/{self.total} [{bar}] loss {loss:.4f} | {rate_text} tok/s | ETA {eta_text}"
-            self.stream.write(("\r" + line) if self.tty else line + "\n")
-            self.stream.flush()
-        return rate
-
-    def close(self):
-        if self.tty:
-            self.stream.write("\n")
+            self.t0 = now
+            return float("nan")
+        self.tokens += tokens
+        return self.tokens / max(now - self.t0, 1e-9)
 
 
 # ----- the loop ----------------------------------------------------------------------------------------------
@@ -233,13 +220,13 @@ class TrainResult:
 
 def _metrics_rewind(path: str, keep_through: int) -> None:
     """On resume: drop metrics of steps after the restored checkpoint (a killed run may have logged them)."""
-    from gemma4_jax.checkpoint import atomic_write
+    from gemma4_jax.files import write_text
 
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_through]
-    atomic_write(path, lambda tmp: open(tmp, "w").writelines(lines))
+    write_text(path, "".join(lines))
 
 
 def train(
@@ -252,8 +239,10 @@ def train(
     out_dir: str,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    base_id: str = "",
 ) -> TrainResult:
-    """Trains LoRA adapters on `base` (frozen; dense or quantized leaves) and writes `out_dir` (see module doc)."""
+    """Trains LoRA adapters on `base` (frozen; dense or quantized leaves) and writes `out_dir` (see module doc).
+    `base_id` identifies the base model: a resumed run must have the same one."""
     import optax  # noqa: F401  (fail early if missing)
 
     started = time.perf_counter()
@@ -268,19 +257,21 @@ def train(
     opt_state = optimizer.init(adapters)
     batches = Batches(train_rows, tc.batch, tc.accumulation, tc.seed)
     fingerprint = train_rows.fingerprint()
-    run = {"lora": lora.to_dict(), "train": tc.trajectory(), "data_fingerprint": fingerprint}
+    run = {"base": base_id, "lora": lora.to_dict(), "train": tc.trajectory(), "data_fingerprint": fingerprint}
 
     start = 0
     metrics_path = os.path.join(out_dir, METRICS)
     if resume and existing:
         start = max(existing)
-        adapters, opt_state, meta = restore_checkpoint(manager, start, adapters, opt_state)
-        differs = [k for k in run if meta.get("run", {}).get(k) != run[k]]
+        recorded = read_meta(manager, start).get("run", {})
+        differs = [k for k in run if recorded.get(k) != run[k]]
         if differs:
+            names = ", ".join({"base": "base model", "data_fingerprint": "data"}.get(k, k) for k in differs)
             raise Gemma4Error(
-                f"--resume: this run's {', '.join(differs)} differ from the checkpoint's in {out_dir}; "
-                "resume with the same data and settings"
+                f"--resume: this run's {names} differ from the checkpoint's in {out_dir}; "
+                "resume with the same base model, data and settings"
             )
+        adapters, opt_state, meta = restore_checkpoint(manager, start, adapters, opt_state)
         if meta["rows_consumed"] != start * batches.rows_per_step:
             raise Gemma4Error(f"--resume: checkpoint {start} records an inconsistent data position")
         _metrics_rewind(metrics_path, start)
@@ -315,7 +306,9 @@ def train(
 
     losses: dict[int, float] = {}
     eval_losses: dict[int, float] = {}
-    progress = Progress(tc.steps, start)
+    progress = Progress("training", tc.steps, unit="steps", every=30)
+    progress.done = start
+    token_rate = TokenRate()
     last_saved = start if existing and resume else None
     with open(metrics_path, "a") as metrics_file:
 
@@ -335,7 +328,9 @@ def train(
                     "Lower --lr or check the data."
                 )
             losses[step] = loss
-            rate = progress.update(step, loss, float(np.sum(batch["positions"] >= 0)))
+            rate = token_rate.update(float(np.sum(batch["positions"] >= 0)))
+            rate_text = "" if math.isnan(rate) else f" | {rate:,.0f} tok/s"
+            progress.advance(1, f"loss {loss:.4f}{rate_text}")
             record(
                 {
                     "step": step,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import functools
 import json
 import math
 import string
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma4_jax import model
+from gemma4_jax import model, param_spec
 from gemma4_jax.config import Gemma4Config
 from gemma4_jax.errors import Gemma4Error
 from gemma4_jax.model import tree_get, tree_set
@@ -72,10 +71,6 @@ class LoraConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"targets": list(self.targets)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
-        return cls(int(d["rank"]), float(d["alpha"]), float(d.get("dropout", 0.0)), tuple(d["targets"]))
 
 
 # ----- the weight object ----------------------------------------------------------------------------------
@@ -210,27 +205,14 @@ class Target:
 
 
 def candidate_targets(config: Gemma4Config) -> list[Target]:
-    """Every leaf LoRA can adapt (spec §6.1). KV-shared readers' K/V projections are never used, so they are not
-    candidates; embeddings, norms, scalars and the MoE router stay frozen."""
-    out = []
-    for i in range(config.num_layers):
-        layer, hf = f"layer_{i}", f"layers.{i}."
-        out.append(Target((layer, "attn", "q_einsum", "w"), ("o", "i", "o"), (hf + "self_attn.q_proj",), i))
-        if not config.is_kv_reader(i):
-            if config.layer_k_eq_v(i):
-                out.append(Target((layer, "attn", "k_einsum", "w"), ("o", "i", "o"), (hf + "self_attn.k_proj",), i))
-            else:
-                modules = (hf + "self_attn.k_proj", hf + "self_attn.v_proj")
-                out.append(Target((layer, "attn", "kv_einsum", "w"), ("g", "o", "i", "o"), modules, i))
-        out.append(Target((layer, "attn", "attn_vec_einsum", "w"), ("i", "i", "o"), (hf + "self_attn.o_proj",), i))
-        scope = "mlp2" if config.num_experts else "mlp"  # the dense MLP (official names are crossed on MoE)
-        gate_up = (hf + "mlp.gate_proj", hf + "mlp.up_proj")
-        out.append(Target((layer, scope, "gating_einsum"), ("g", "o", "i"), gate_up, i))
-        out.append(Target((layer, scope, "linear"), ("i", "o"), (hf + "mlp.down_proj",), i))
-        if config.per_layer_input_dim:
-            out.append(Target((layer, "per_layer_input_gate", "w"), ("i", "o"), (hf + "per_layer_input_gate",), i))
-            out.append(Target((layer, "per_layer_projection", "w"), ("i", "o"), (hf + "per_layer_projection",), i))
-    return out
+    """Every leaf LoRA can adapt (`lora=True` in the parameter spec, spec §6.1): attention and dense-MLP matrices and
+    the per-layer PLE gate/projection. KV-shared readers' K/V projections are never used, so they are not
+    candidates; embeddings, norms, scalars, the MoE router and experts stay frozen."""
+    return [
+        Target(leaf.path, leaf.roles, leaf.lora_modules, int(leaf.path[0].removeprefix("layer_")))
+        for leaf in param_spec.param_spec(config)
+        if leaf.lora and not leaf.unused
+    ]
 
 
 def _matches(pattern: str, module: str) -> bool:
@@ -268,17 +250,11 @@ def select_targets(config: Gemma4Config, lora: LoraConfig) -> list[Target]:
 # ----- adapter trees ------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=16)
-def _param_shapes(config: Gemma4Config) -> dict:
-    return model.param_shapes(config)
-
-
 def adapter_shapes(config: Gemma4Config, lora: LoraConfig) -> dict:
     """{path...: {"a": shape, "b": shape}} of the selected targets."""
-    shapes = _param_shapes(config)
     tree: dict = {}
     for target in select_targets(config, lora):
-        a, b = _factor_shapes(tuple(tree_get(shapes, target.path).shape), target.roles, lora.rank)
+        a, b = _factor_shapes(_base_shape(config, target), target.roles, lora.rank)
         tree_set(tree, target.path, {"a": a, "b": b})
     return tree
 
@@ -297,8 +273,8 @@ def init_adapters(config: Gemma4Config, lora: LoraConfig, seed: int = 0) -> dict
     return tree
 
 
-def _base_shape(config, target):
-    return tuple(tree_get(_param_shapes(config), target.path).shape)
+def _base_shape(config, target) -> tuple[int, ...]:
+    return param_spec.leaf_of(config, target.path).shape
 
 
 def targets_of(config: Gemma4Config, adapters: dict) -> list[Target]:
@@ -397,11 +373,10 @@ def from_peft(config: Gemma4Config, tensors: dict[str, np.ndarray], lora: LoraCo
         for prefix in ("model.language_model.", "model."):
             stem = stem.removeprefix(prefix) if stem.startswith(prefix + "layers.") else stem
         by_module[stem] = value
-    shapes = _param_shapes(config)
     tree: dict = {}
     used = set()
     for target in select_targets(config, lora):
-        base_shape = tuple(tree_get(shapes, target.path).shape)
+        base_shape = _base_shape(config, target)
         a_shape, b_shape = _factor_shapes(base_shape, target.roles, lora.rank)
         grouped = "g" in target.roles
         a_parts, b_parts = [], []
@@ -411,10 +386,16 @@ def from_peft(config: Gemma4Config, tensors: dict[str, np.ndarray], lora: LoraCo
                 raise Gemma4Error(f"{source}: no adapter for {module} (adapter_config.json targets it)")
             used.update(names)
             a_hf, b_hf = (np.asarray(by_module[n], np.float32) for n in names)
-            a_part = a_hf.T.reshape(*(a_shape[1:] if grouped else a_shape))
-            b_part = b_hf.T.reshape(*(b_shape[1:] if grouped else b_shape)) if b_hf.size else None
-            if a_hf.shape[0] != lora.rank or b_part is None or a_part.size != a_hf.size:
-                raise Gemma4Error(f"{source}: {module} adapter has shapes {a_hf.shape}, {b_hf.shape}")
+            a_part_shape = a_shape[1:] if grouped else a_shape  # [i..., r]
+            b_part_shape = b_shape[1:] if grouped else b_shape  # [r, o...]
+            want = ((lora.rank, math.prod(a_part_shape[:-1])), (math.prod(b_part_shape[1:]), lora.rank))
+            if (a_hf.shape, b_hf.shape) != want:
+                raise Gemma4Error(
+                    f"{source}: {module} adapter has shapes {a_hf.shape}, {b_hf.shape}; rank {lora.rank} on "
+                    f"{config.name} needs {want[0]}, {want[1]} (an adapter for another model or rank?)"
+                )
+            a_part = a_hf.T.reshape(a_part_shape)
+            b_part = b_hf.T.reshape(b_part_shape)
             a_parts.append(a_part)
             b_parts.append(b_part)
         a = np.stack(a_parts) if grouped else a_parts[0]
@@ -460,28 +441,38 @@ def save_peft(directory: str, config: Gemma4Config, adapters: dict, lora: LoraCo
     """Writes adapter_model.safetensors + adapter_config.json (each atomically) into `directory`."""
     import os
 
-    from safetensors.numpy import save_file
+    from gemma4_jax import files
 
-    from gemma4_jax.checkpoint import atomic_write
-
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise files.os_error(directory, e) from None
     tensors = to_peft(config, jax.device_get(adapters), prefix)
-    atomic_write(os.path.join(directory, PEFT_WEIGHTS), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
-    text = json.dumps(peft_config(config, adapters, lora, base_model), indent=2) + "\n"
-    atomic_write(os.path.join(directory, PEFT_CONFIG), lambda tmp: open(tmp, "w").write(text))
+    files.save_safetensors(os.path.join(directory, PEFT_WEIGHTS), tensors, {"format": "pt"})
+    files.write_json(os.path.join(directory, PEFT_CONFIG), peft_config(config, adapters, lora, base_model))
 
 
 def load_peft(directory: str, config: Gemma4Config) -> tuple[dict, LoraConfig]:
     import os
 
-    from gemma4_jax.checkpoint import SafetensorsDir
+    from gemma4_jax import files
 
     config_path = os.path.join(directory, PEFT_CONFIG)
+    if not os.path.isdir(directory):
+        raise Gemma4Error(f"adapter directory not found: {directory}")
     if not os.path.exists(config_path):
         raise Gemma4Error(f"{directory}: missing {PEFT_CONFIG} (expected a LoRA adapter directory)")
+    weights_path = os.path.join(directory, PEFT_WEIGHTS)
+    if not os.path.exists(weights_path):
+        pickled = " (adapter_model.bin is a pickle, which is never loaded: save with safe_serialization)"
+        raise Gemma4Error(
+            f"{directory}: missing {PEFT_WEIGHTS}"
+            + (pickled if os.path.exists(os.path.join(directory, "adapter_model.bin")) else "")
+        )
     try:
-        with open(config_path) as f:
-            d = json.load(f)
+        d = json.loads(files.read_text(config_path))
+        if not isinstance(d, dict):
+            raise TypeError(f"a JSON {type(d).__name__}, not an object")
         if d.get("peft_type", "LORA") != "LORA":
             raise Gemma4Error(f"{config_path}: peft_type {d['peft_type']!r} is not LORA")
         if d.get("use_dora") or d.get("use_rslora") or d.get("bias", "none") != "none":
@@ -493,8 +484,8 @@ def load_peft(directory: str, config: Gemma4Config) -> tuple[dict, LoraConfig]:
         lora_args = dict(rank=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0)))
     except (KeyError, ValueError, TypeError) as e:
         raise Gemma4Error(f"{config_path}: not a LoRA adapter config ({e})") from None
-    files = SafetensorsDir(directory)
-    tensors = {name: files.read(name) for name in files.names()}
+    st = files.SafetensorsDir(weights_path)
+    tensors = {name: st.read(name) for name in st.names()}
     if targets is None:
         # exact module names (fnmatch patterns with dots match whole module names)
         stems = {n.rsplit(".lora_", 1)[0].removeprefix("base_model.model.") for n in tensors}

@@ -1,0 +1,386 @@
+"""The library API: `load` a checkpoint into a `Model`, and use it.
+
+    import gemma4_jax as g4
+    model = g4.load("hf:google/gemma-4-E2B-it")            # or an orbax/HF/quantized directory, or kaggle:...
+    print(model.generate("The capital of France is", max_new_tokens=16).text)
+    model.generate([{"role": "user", "content": "Hi"}], sampling=g4.SamplingConfig(1.0, 64, 0.95))
+
+`load` checks, before reading anything, that the weights fit in the memory available and says which options do
+when they do not. Every command of the CLI is a thin parser over this module and the task functions
+(`convert.convert`, `quant.checkpoint.quantize`, `export.gguf.export_gguf`, `export.litert.export_litert`,
+`train.finetune`, `train.merge`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma4_jax import files, ple, sources
+from gemma4_jax.config import Gemma4Config
+from gemma4_jax.errors import Gemma4Error
+from gemma4_jax.model import Params, tree_set
+from gemma4_jax.sampler import DEFAULT_STOP_TOKENS, Generation, Sampler, SamplingConfig, check_token_ids
+from gemma4_jax.tokenizer import Tokenizer
+
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "f32": "float32"}
+# Beyond the weights, room kept free for the KV cache, activations and the runtime.
+HEADROOM = 0.10
+
+
+def parse_dtype(dtype) -> jnp.dtype | None:
+    """A dtype from its name ("bfloat16", "bf16", "float32", "f32") or a dtype; None stays None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise Gemma4Error(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    return jnp.dtype(dtype)
+
+
+# ----- memory ------------------------------------------------------------------------------------------------
+
+
+def available_memory() -> int:
+    """Bytes that a load may use: free host RAM (the CPU backend's device memory is host RAM), or on an
+    accelerator what its allocator has left."""
+    import psutil
+
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return int(psutil.virtual_memory().available)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadPlan:
+    """What loading `source` in `dtype` with the PLE table at `ple` needs: resident bytes, plus the largest
+    tensor once more while it is read and converted."""
+
+    dtype: str
+    ple: str
+    weight_bytes: int
+    transient_bytes: int
+
+    @property
+    def peak(self) -> int:
+        return math.ceil((self.weight_bytes + self.transient_bytes) * (1 + HEADROOM))
+
+
+def plan_load(source: sources.WeightSource, dtype, ple_mode: str) -> LoadPlan:
+    from gemma4_jax.hf_format import np_dtype
+
+    if isinstance(source, _quantized_source_type()):
+        total = source.packed_nbytes()
+        return LoadPlan(str(jnp.dtype(dtype or source.compute_dtype)), ple_mode, total, 0)
+    target = np_dtype(dtype)
+    resident = transient = 0
+    for leaf in source.leaves():
+        nbytes = math.prod(leaf.shape) * target.itemsize
+        if leaf.path == ple.TABLE_PATH and ple_mode == "mmap":
+            nbytes = 0  # file-backed pages, evictable
+        resident += nbytes
+        if source.dtype(leaf) != target:  # read in the stored dtype, then converted
+            transient = max(transient, math.prod(leaf.shape) * source.dtype(leaf).itemsize)
+    return LoadPlan(str(jnp.dtype(dtype)), ple_mode, resident, transient)
+
+
+def _quantized_source_type():
+    from gemma4_jax.quant.checkpoint import QuantizedSource
+
+    return QuantizedSource
+
+
+def check_fits(source: sources.WeightSource, plan: LoadPlan, available: int | None = None) -> None:
+    """Raises one Gemma4Error line when `plan` does not fit, naming the planned bytes and the options that do."""
+    available = available_memory() if available is None else available
+    if plan.peak <= available:
+        return
+    alternatives = []
+    if not isinstance(source, _quantized_source_type()):
+        for dtype, mode in (("bfloat16", plan.ple), ("bfloat16", "mmap"), ("float32", "mmap")):
+            if (dtype, mode) == (plan.dtype, plan.ple) or (mode == "mmap" and not _can_mmap(source)):
+                continue
+            other = plan_load(source, dtype, mode)
+            if other.peak <= available:
+                flags = " ".join(f for f in (f"--dtype {dtype}", f"--ple {mode}" if mode != "device" else "") if f)
+                alternatives.append(f"{flags} ({files.human_bytes(other.peak)})")
+        alternatives.append("a quantized checkpoint (gemma4-jax quantize --format int8|int4)")
+    raise Gemma4Error(
+        f"loading {source.config.name} in {plan.dtype} needs about {files.human_bytes(plan.peak)} "
+        f"(weights {files.human_bytes(plan.weight_bytes)}, +{files.human_bytes(plan.transient_bytes)} while "
+        f"converting the largest tensor, +{HEADROOM:.0%}), but {files.human_bytes(available)} is available; "
+        f"options that fit: {'; '.join(dict.fromkeys(alternatives))}"
+    )
+
+
+def _can_mmap(source: sources.WeightSource) -> bool:
+    from gemma4_jax.hf_format import HFSource
+
+    return isinstance(source, HFSource) and bool(source.config.per_layer_input_dim)
+
+
+# ----- the model ---------------------------------------------------------------------------------------------
+
+
+class TextStream:
+    """Turns generated token ids into text as they arrive, holding back incomplete UTF-8 byte sequences.
+
+    Each token decodes only a short window (the tokens since the last emitted text), so streaming a long answer
+    costs the same per token as a short one."""
+
+    def __init__(self, tokenizer: Tokenizer, write: Callable[[str], None]):
+        self.tokenizer, self.write = tokenizer, write
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] were decoded and emitted already
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        done = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(text) > len(done) and not text.endswith("\ufffd"):  # a byte-fallback character still missing bytes
+            self.write(text[len(done) :])
+            self.prefix, self.read = self.read, len(self.ids)
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str | None  # None when the model has no tokenizer
+    tokens: list[int]
+    finish_reason: str  # "stop" or "length"
+    generation: Generation  # timings
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: `config`, `params` (the official tree; quantized leaves stay packed, the PLE table may be a
+    host-side `ple.HostPLE`), the checkpoint's `tokenizer` (None for random weights without one), `source` (a
+    description) and `directory` (the local checkpoint directory, for its tokenizer files)."""
+
+    config: Gemma4Config
+    params: Params
+    tokenizer: Tokenizer | None = None
+    source: str = ""
+    directory: str | None = None
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise Gemma4Error(
+                f"text needs a tokenizer, and {self.source} has none: give a checkpoint with one, or --tokenizer PATH"
+            )
+        return self.tokenizer
+
+    def encode(self, prompt, *, chat: bool = False, enable_thinking: bool = False) -> list[int]:
+        """Token ids of a prompt: text (one <bos> first), chat messages (the chat template), or ids as given."""
+        if isinstance(prompt, str):
+            tokenizer = self.require_tokenizer()
+            if chat:
+                return tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return tokenizer.encode(prompt, add_bos=True)
+        prompt = list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self.require_tokenizer().encode_chat(
+                prompt, add_generation_prompt=True, enable_thinking=enable_thinking
+            )
+        ids = [int(t) for t in prompt]
+        check_token_ids(self.config, ids)
+        return ids
+
+    def sampler(self, sampling: SamplingConfig | None = None, stop_tokens=DEFAULT_STOP_TOKENS) -> Sampler:
+        """A sampler over this model (greedy by default)."""
+        return Sampler(self.config, self.params, sampling or SamplingConfig(), stop_tokens)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | Sequence[dict],
+        *,
+        max_new_tokens: int = 32,
+        sampling: SamplingConfig | None = None,
+        chat: bool = False,
+        enable_thinking: bool = False,
+        stop_tokens: Sequence[int] = DEFAULT_STOP_TOKENS,
+        seed: int = 0,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Completion:
+        """Continues a prompt (text, chat messages or token ids; `chat` wraps text in a user turn), greedily unless
+        `sampling` says otherwise. `on_text` receives the answer as it streams."""
+        ids = self.encode(prompt, chat=chat, enable_thinking=enable_thinking)
+        sampler = self.sampler(sampling, stop_tokens)
+        sampler.validate([ids], max_new_tokens)
+        stream = TextStream(self.tokenizer, on_text) if on_text is not None and self.tokenizer else None
+        result = sampler.generate([ids], max_new_tokens, seed=seed, on_token=stream)
+        tokens = result.tokens[0]
+        text = self.tokenizer.decode(tokens) if self.tokenizer is not None else None
+        return Completion(text, tokens, result.finish_reasons[0], result)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Full-forward float32 logits [T, V] of one sequence (soft-capped)."""
+
+        ids = self.encode(tokens)
+        if len(ids) > self.config.max_context:
+            raise Gemma4Error(f"{len(ids)} tokens exceed the {self.config.max_context}-token context")
+        out, _ = _jitted_apply()(self.params, np.asarray([ids], np.int32), config=self.config)
+        values = np.asarray(out[0], np.float32)
+        if not np.isfinite(values).all():
+            raise Gemma4Error("the forward pass produced non-finite logits (are the weights damaged?)")
+        return values
+
+
+def _jitted_apply():
+    from gemma4_jax.model import apply
+
+    return jax.jit(apply, static_argnames=("config",))
+
+
+# ----- loading -----------------------------------------------------------------------------------------------
+
+
+def _to_device(value: np.ndarray, dtype) -> jax.Array:
+    """`value` as a JAX array of `dtype`, converted into an aligned buffer the CPU backend adopts without a copy."""
+    from gemma4_jax.hf_format import np_dtype
+
+    target = np_dtype(dtype)
+    aligned = value.ctypes.data % 64 == 0 and value.flags.c_contiguous
+    if value.dtype != target or not aligned:
+        buffer = files.aligned_empty(value.shape, target)
+        buffer[...] = value
+        value = buffer
+    return jax.device_put(value, may_alias=True)
+
+
+def read_params(
+    source: sources.WeightSource, dtype, ple_mode: str = "device", progress: bool = True, check_finite: bool = True
+) -> Params:
+    """Every leaf of `source` as a JAX array of `dtype` (quantized checkpoints: packed weights), one at a time; the
+    PLE table stays in host RAM or memory-mapped with `ple_mode` host/mmap. Non-finite weights are refused, naming
+    the tensor."""
+    from gemma4_jax.quant.checkpoint import QuantizedSource
+
+    meter = files.Progress(
+        f"loading {source.config.name}", plan_load(source, dtype, ple_mode).weight_bytes, min_total=10**8
+    )
+    params: Params = {}
+    for leaf in source.leaves():
+        if leaf.path == ple.TABLE_PATH and ple_mode != "device":
+            value = ple.host_table(source, ple_mode)
+            nbytes = 0
+        elif isinstance(source, QuantizedSource):
+            value = source.load_weight(leaf, dtype)
+            nbytes = 0
+        else:
+            array = source.read(leaf)
+            if check_finite:
+                check_finite_array(array, leaf.name, source.description)
+            value = _to_device(array, dtype)
+            nbytes = value.nbytes
+            del array
+        tree_set(params, leaf.path, value)
+        meter.advance(nbytes)
+    meter.close()
+    return params
+
+
+def check_finite_array(array: np.ndarray, name: str, where: str) -> None:
+    """Raises when the tensor holds a NaN or Inf: checked in blocks of rows (small temporaries)."""
+    rows = max(1, (1 << 24) // max(1, math.prod(array.shape[1:])))
+    for start in range(0, max(1, array.shape[0] if array.ndim else 1), rows):
+        if not np.isfinite(array[start : start + rows] if array.ndim else array).all():
+            raise Gemma4Error(f"{where}: tensor {name} has non-finite values (NaN or Inf); the checkpoint is damaged")
+
+
+def load(
+    source: str | sources.WeightSource | None = None,
+    *,
+    dtype=None,
+    ple: str = "device",
+    variant: str | None = None,
+    config: str | Gemma4Config | None = None,
+    init_seed: int = 0,
+    tokenizer: str | None = None,
+    default_dtype: str = "bfloat16",
+    progress: bool = True,
+) -> Model:
+    """A model from `source`: a local orbax / HF / quantized directory, `kaggle:...`, `hf:...`, or None for random
+    weights of `variant` (a preset) or `config` (an HF-style config.json path or a Gemma4Config; default: the tiny
+    demo). `dtype` is the parameter/compute dtype (default `default_dtype`; float32 falls back to bfloat16 with a note
+    when it does not fit but bfloat16 does). `ple` puts the PLE table on the "device", in "host" RAM or "mmap"s it
+    from an HF checkpoint. `tokenizer` overrides the checkpoint's tokenizer (a directory or file).
+
+    Options that do not apply are refused: `ple`/`variant`/`config` for quantized checkpoints, `ple` other than
+    "device" for models without PLE."""
+    if ple not in ple_modes():
+        raise Gemma4Error(f"--ple must be one of {', '.join(ple_modes())}, got {ple!r}")
+    config_file = config if isinstance(config, str) else None
+    if isinstance(source, sources.WeightSource):
+        if variant or config:
+            raise Gemma4Error("variant / config apply when opening a checkpoint, not to an opened source")
+        src = source
+    elif isinstance(config, Gemma4Config):
+        if source is not None:
+            raise Gemma4Error("a Gemma4Config applies to random weights; for a checkpoint give a config.json path")
+        src: sources.WeightSource = sources.RandomSource(config, init_seed)
+    else:
+        src = sources.open_source(source, variant=variant, config_file=config_file, init_seed=init_seed)
+    if isinstance(src, _quantized_source_type()) and ple != "device":
+        raise Gemma4Error("--ple host/mmap applies to float checkpoints (a quantized one keeps its PLE table packed)")
+    if ple != "device" and not src.config.per_layer_input_dim:
+        raise Gemma4Error(f"--ple {ple}: {src.config.name} has no Per-Layer Embeddings table")
+    if ple == "mmap" and not _can_mmap(src):
+        raise Gemma4Error(
+            "--ple mmap memory-maps the table from an HF checkpoint's safetensors file: give --checkpoint with one "
+            "(`gemma4-jax convert --to hf` writes one from an orbax checkpoint)"
+        )
+    asked = parse_dtype(dtype)
+    chosen = asked or parse_dtype(default_dtype)
+    plan = plan_load(src, chosen, ple)
+    available = available_memory()
+    if asked is None and chosen == jnp.float32 and plan.peak > available:
+        smaller = plan_load(src, jnp.bfloat16, ple)
+        if smaller.peak <= available:
+            print(
+                f"gemma4-jax: float32 needs {files.human_bytes(plan.peak)} but {files.human_bytes(available)} is "
+                f"available: loading in bfloat16 (--dtype float32 to insist)",
+                file=sys.stderr,
+            )
+            chosen, plan = jnp.dtype(jnp.bfloat16), smaller
+    check_fits(src, plan, available)
+    params = read_params(src, chosen, ple, progress)
+    tok = load_tokenizer_of(tokenizer or src.directory, required=tokenizer is not None)
+    return Model(src.config, params, tok, src.description, src.directory)
+
+
+def ple_modes() -> tuple[str, ...]:
+    return ple.PLE_MODES
+
+
+def load_tokenizer_of(path: str | None, required: bool) -> Tokenizer | None:
+    """The tokenizer at `path` (a directory or file); None if there is none and it is not `required`."""
+    from gemma4_jax.tokenizer import load_tokenizer
+
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        if required:
+            raise Gemma4Error(f"tokenizer path not found: {path}")
+        return None
+    try:
+        return load_tokenizer(path)
+    except Gemma4Error:
+        if required:
+            raise
+        return None
+
+
+def from_params(config: Gemma4Config, params: Params, tokenizer: Tokenizer | None = None, source="parameters"):
+    """A Model around parameters already in memory."""
+    return Model(config, params, tokenizer, source)

@@ -1,0 +1,338 @@
+"""The official Flax/orbax format (as published on Kaggle): reading it leaf by leaf, and writing it (spec §5.1).
+
+Official orbax checkpoints come in three on-disk layouts, all read here as the NESTED tree `model.apply` takes:
+- NESTED: the Flax `model.init()['params']` tree itself (`layer_0/attn/q_einsum/w`, ...);
+- FLAT: one level of `transformer/<module path>` keys holding `{leaf: array}` (`transformer/layer_0/attn/q_einsum`
+  -> `{'w': ...}`); the dense MLP's `gating_einsum`/`linear` carry an extra `w` there that NESTED does not;
+- STACKED: layers of the same position in the attention pattern stacked on a leading axis
+  (`transformer/stacked_layers/attention_type_{j}/...`, layer = slice * pattern_length + j).
+They carry no config: the variant is recognised from the tensor shapes (orbax metadata only, nothing is read),
+`--variant` forces one and `--config` gives an HF-style config.json for other sizes.
+
+Each tensor is read on its own with TensorStore straight into a buffer of the requested dtype (the cast happens
+chunk by chunk inside TensorStore), so loading peaks near one copy of the weights in that dtype. The buffers are
+64-byte aligned, which lets JAX's CPU backend adopt them without another copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+
+from gemma4_jax import param_spec
+from gemma4_jax.config import OFFICIAL_VARIANTS, PRESETS, Gemma4Config, get_config
+from gemma4_jax.errors import Gemma4Error
+from gemma4_jax.files import aligned_empty
+from gemma4_jax.param_spec import Leaf
+from gemma4_jax.sources import WeightSource
+
+Path = tuple[str, ...]
+
+_MULTIMODAL_EMBEDDER = ("mm_", "audio_")
+_LAYER = re.compile(r"^layer_(\d+)$")
+_STACKED = re.compile(r"^transformer/stacked_layers/attention_type_(\d+)(/.*)?$")
+
+# ----- orbax checkpoints --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredLeaf:
+    """Where one NESTED leaf lives in the checkpoint."""
+
+    name: str  # orbax's parameter name (the TensorStore key)
+    shape: tuple[int, ...]  # of the NESTED leaf (a STACKED slice drops the stacking axis)
+    dtype: np.dtype
+    index: int | None = None  # slice of a STACKED parameter
+
+
+def _flatten(tree, prefix: Path = ()) -> Iterator[tuple[Path, object]]:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flatten(value, (*prefix, str(key)))
+    else:
+        yield prefix, tree
+
+
+def _is_text(path: Path) -> bool:
+    if path[0] == "embedder":
+        return len(path) > 1 and not path[1].startswith(_MULTIMODAL_EMBEDDER)
+    return path[0] == "final_norm" or bool(_LAYER.match(path[0]))
+
+
+def _layout(top_keys: set[str]) -> str:
+    if any(_STACKED.match(k) for k in top_keys):
+        return "stacked"
+    if top_keys and all(k.startswith(("transformer/", "SigLiPFromPatches_0/")) for k in top_keys):
+        return "flat"
+    return "nested"
+
+
+def _drop_dense_mlp_w(raw: dict[Path, StoredLeaf]) -> dict[Path, StoredLeaf]:
+    """FLAT/STACKED keep a `w` under the dense MLP's `gating_einsum`/`linear`; the NESTED tree has none there
+    (the MoE's `mlp/gating_einsum/w` keeps it: a layer with a router is a MoE layer)."""
+    moe_layers = {p[0] for p in raw if p[1:3] == ("mlp", "router_logits")}
+    out = {}
+    for path, leaf in raw.items():
+        dense_mlp = len(path) == 4 and path[1] == "mlp" and path[2] in ("gating_einsum", "linear") and path[3] == "w"
+        out[path[:-1] if dense_mlp and path[0] not in moe_layers else path] = leaf
+    return out
+
+
+class OrbaxSource(WeightSource):
+    """An orbax checkpoint directory, seen as NESTED text-decoder leaves read one at a time.
+
+    `stored`: NESTED path -> StoredLeaf for every text-decoder tensor; `other`: names of the tensors that are
+    not part of the text decoder (vision/audio encoders and their projections), which loading leaves unread.
+    The config is --config, --variant, a config.json of ours beside the tensors, or recognised from the shapes.
+    """
+
+    def __init__(
+        self, path: str, variant: str | None = None, config_file: str | None = None, directory: str | None = None
+    ):
+        import orbax.checkpoint as ocp
+
+        self.path = os.path.abspath(path)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # orbax warns before failing; our one-line error says it all
+        try:
+            with open(os.path.join(self.path, "_METADATA")) as f:
+                info = json.load(f)
+            item = ocp.PyTreeCheckpointer().metadata(self.path).item_metadata
+        except FileNotFoundError:
+            raise Gemma4Error(f"{path}: not a readable orbax checkpoint (no _METADATA file)") from None
+        except Exception as e:  # orbax/tensorstore raise many types for damaged metadata
+            raise Gemma4Error(f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
+        finally:
+            absl_logger.setLevel(level)
+        tree = getattr(item, "tree", None)
+        if not tree:
+            raise Gemma4Error(f"{path}: not a readable orbax checkpoint (its tensor metadata is missing or damaged)")
+        self._use_ocdbt = bool(info.get("use_ocdbt", True))
+        self._use_zarr3 = bool(info.get("use_zarr3", False))
+        self._context = None
+        flat = dict(_flatten(tree))
+        if {p[0] for p in flat} == {"collections", "opt_state", "params", "step"}:  # a Kauldron training state
+            flat = {p[1:]: v for p, v in flat.items() if p[0] == "params"}
+        self.layout = _layout({p[0] for p in flat})
+        stacked_positions = [int(m.group(1)) for p in flat if (m := _STACKED.match(p[0]))]
+        self._pattern_length = 1 + max(stacked_positions, default=0)
+        raw: dict[Path, StoredLeaf] = {}
+        other: list[str] = []
+        for stored_path, meta in flat.items():
+            for nested, leaf in self._nested_leaves(stored_path, meta):
+                if nested and _is_text(nested):
+                    raw[nested] = leaf
+                else:
+                    other.append("/".join(stored_path))
+        self.stored = _drop_dense_mlp_w(raw) if self.layout != "nested" else raw
+        if not self.stored:
+            raise Gemma4Error(f"{path}: the orbax checkpoint has no Gemma text-decoder tensors (embedder, layer_N)")
+        config = self._config(variant, config_file)
+        super().__init__(config, f"checkpoint {path}", directory or self.path, sorted(set(other)))
+
+    def _nested_leaves(self, stored_path: Path, meta) -> Iterator[tuple[Path, StoredLeaf]]:
+        shape = tuple(getattr(meta, "shape", None) or ())
+        dtype = np.dtype(getattr(meta, "dtype", None) or np.float32)
+        name = getattr(meta, "name", None) or ".".join(stored_path)
+        if self.layout == "nested":
+            yield stored_path, StoredLeaf(name, shape, dtype)
+            return
+        key, leaf_keys = stored_path[0], stored_path[1:]
+        stacked = _STACKED.match(key)
+        if stacked:
+            position, rest = int(stacked.group(1)), [p for p in (stacked.group(2) or "").split("/") if p]
+            period = self._pattern_length
+            for i in range(shape[0]):
+                path = (f"layer_{i * period + position}", *rest, *leaf_keys)
+                yield path, StoredLeaf(name, shape[1:], dtype, index=i)
+        elif key.startswith("transformer/"):
+            yield (*key.split("/")[1:], *leaf_keys), StoredLeaf(name, shape, dtype)
+        else:
+            yield (), StoredLeaf(name, shape, dtype)
+
+    def has(self, leaf: Leaf) -> bool:
+        return leaf.path in self.stored
+
+    def dtype(self, leaf: Leaf) -> np.dtype:
+        # Absent reader K/V (allowed by the config check) take the dtype of their layer's queries.
+        stored = self.stored.get(leaf.path) or self.stored[(leaf.path[0], "attn", "q_einsum", "w")]
+        return stored.dtype
+
+    def read(self, leaf: Leaf, dtype=None) -> np.ndarray:
+        """One leaf, converted to `dtype` (None: as stored) while it is read, in a 64-byte-aligned buffer."""
+        import tensorstore as ts
+
+        from gemma4_jax.hf_format import np_dtype
+
+        target = np_dtype(dtype) if dtype is not None else self.dtype(leaf)
+        if leaf.path not in self.stored:  # unused reader K/V
+            out = aligned_empty(leaf.shape, target)
+            out[...] = 0
+            return out
+        path, leaf = leaf.path, self.stored[leaf.path]
+        try:
+            store = self._open(leaf.name)
+            if tuple(store.shape[1:] if leaf.index is not None else store.shape) != leaf.shape:
+                raise ValueError(f"stored shape {tuple(store.shape)} differs from its metadata {leaf.shape}")
+            if leaf.index is not None:
+                store = store[leaf.index]
+            if store.dtype.numpy_dtype != target:
+                store = ts.cast(store, ts.dtype(target.name))
+            out = aligned_empty(leaf.shape, target)
+            ts.array(out).write(store).result()
+        except Exception as e:  # tensorstore reports missing/damaged data as ValueError/OSError/...
+            raise Gemma4Error(
+                f"{self.path}: cannot read tensor {'/'.join(path)} ({leaf.name}): {type(e).__name__}: {e}"
+            ) from None
+        return out
+
+    def _open(self, name: str):
+        import orbax.checkpoint as ocp
+        import tensorstore as ts
+        from etils import epath
+
+        if self._context is None:
+            # One context for all tensors: OCDBT manifest and B-tree caches are shared between them.
+            self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
+        info = ocp.type_handlers.ParamInfo(
+            name=name,
+            parent_dir=epath.Path(self.path),
+            use_zarr3=self._use_zarr3,
+            is_ocdbt_checkpoint=self._use_ocdbt,
+            ts_context=self._context,
+        )
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
+        return ts.open(spec, context=self._context, open=True).result()
+
+    def _config(self, variant: str | None, config_file: str | None) -> Gemma4Config:
+        """The config that matches the tensors: --config, --variant, our config.json, or recognised from shapes."""
+        if variant and config_file:
+            raise Gemma4Error("give --variant or --config, not both")
+        found = {path: leaf.shape for path, leaf in self.stored.items()}
+        own = os.path.join(self.path, "config.json")
+        if config_file:
+            cfg, what = Gemma4Config.load_json(config_file), f"--config {config_file}"
+        elif variant:
+            cfg, what = get_config(variant), f"--variant {variant}"
+        elif os.path.isfile(own):
+            cfg, what = Gemma4Config.load_json(own), own
+        else:
+            return recognise_variant(found, self.path)
+        problem = shape_mismatch(cfg, found, what)
+        if problem:
+            raise Gemma4Error(f"{self.path}: {what} does not match the checkpoint: {problem}")
+        return cfg
+
+
+# ----- matching tensors to a config --------------------------------------------------------------------
+
+
+def shape_mismatch(config: Gemma4Config, found: dict[Path, tuple[int, ...]], what: str) -> str | None:
+    """The first difference between the checkpoint's text tensors and `config`'s, in words; None if they match."""
+    expected = param_spec.shapes(config)
+    optional = {leaf.path for leaf in param_spec.param_spec(config) if leaf.unused}
+    for path, shape in expected.items():
+        if path in found and tuple(found[path]) != shape:
+            return f"tensor {'/'.join(path)} has shape {tuple(found[path])}, {what} expects {shape}"
+    missing = [p for p in expected if p not in found and p not in optional]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"tensor {'/'.join(missing[0])}{more} of {what} is not in the checkpoint"
+    extra = [p for p in found if p not in expected]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        return f"the checkpoint has tensor {'/'.join(extra[0])}{more}, which {what} does not"
+    return None
+
+
+def recognise_variant(found: dict[Path, tuple[int, ...]], where: str) -> Gemma4Config:
+    """The preset (official variant) whose parameter shapes are exactly the checkpoint's."""
+    embedding = found.get(("embedder", "input_embedding"))
+    if embedding is None or len(embedding) != 2:
+        raise Gemma4Error(f"{where}: no embedder/input_embedding [vocab, width] tensor: not a Gemma 4 checkpoint")
+    layers = sum(1 for p in found if p[-1] == "skip_scale" and _LAYER.match(p[0]))
+    described = f"vocab {embedding[0]}, width {embedding[1]}, {layers} layers"
+    # The official variants, and the toy presets (tests, demos) too: only presets of the same size are checked.
+    candidates = [c for c in PRESETS.values() if (c.vocab_size, c.embed_dim, c.num_layers) == (*embedding, layers)]
+    nearest = ""
+    for cfg in candidates:
+        problem = shape_mismatch(cfg, found, cfg.name)
+        if problem is None:
+            return cfg
+        nearest = f"; nearest is {cfg.name}, but {problem}"
+    raise Gemma4Error(
+        f"{where}: the tensor shapes ({described}) are not those of an official variant "
+        f"({', '.join(OFFICIAL_VARIANTS)}){nearest}. Pass --config FILE (an HF-style config.json) for other sizes"
+    )
+
+
+# ----- writing orbax checkpoints ------------------------------------------------------------------------
+
+
+def pattern_length(config: Gemma4Config) -> int:
+    """The shortest period of the layer-type string (5 on E2B, 6 on the others)."""
+    types = config.layer_types
+    return next(p for p in range(1, len(types) + 1) if all(types[i] == types[i % p] for i in range(len(types))))
+
+
+def to_layout(params: dict, layout: str, config: Gemma4Config | None = None) -> dict:
+    """The NESTED tree re-keyed as the FLAT or STACKED on-disk layout (spec §5.1)."""
+    if layout == "nested":
+        return params
+    leaves = dict(_flatten(params))
+    moe_layers = {p[0] for p in leaves if p[1:3] == ("mlp", "router_logits")}
+    flat: dict[str, dict] = {}
+    for path, value in leaves.items():
+        if len(path) == 3 and path[1] == "mlp" and path[2] in ("gating_einsum", "linear") and path[0] not in moe_layers:
+            path = (*path, "w")
+        flat.setdefault("transformer/" + "/".join(path[:-1]), {})[path[-1]] = value
+    if layout == "flat":
+        return flat
+    if layout != "stacked" or config is None:
+        raise ValueError(f"unknown layout {layout!r} (or no config for stacked)")
+    period = pattern_length(config)
+    stacked: dict[str, dict] = {}
+    groups: dict[tuple[str, str], dict[int, object]] = {}
+    for key, leaves_of_key in flat.items():
+        parts = key.split("/")
+        layer = _LAYER.match(parts[1]) if len(parts) > 1 else None
+        if not layer:
+            stacked[key] = leaves_of_key
+            continue
+        index = int(layer.group(1))
+        target = "/".join(["transformer/stacked_layers", f"attention_type_{index % period}", *parts[2:]])
+        for leaf, value in leaves_of_key.items():
+            groups.setdefault((target, leaf), {})[index // period] = value
+    for (target, leaf), slices in groups.items():
+        shapes = {np.shape(v) for v in slices.values()}
+        if len(shapes) != 1:
+            raise Gemma4Error(f"cannot stack {target}/{leaf}: its layers differ in shape {sorted(shapes)}")
+        stacked.setdefault(target, {})[leaf] = np.stack([np.asarray(slices[i]) for i in sorted(slices)])
+    return stacked
+
+
+def save_orbax(path: str, params: dict, layout: str = "nested", config: Gemma4Config | None = None) -> None:
+    """Writes `params` (NESTED; numpy or JAX leaves, dtypes as given) as an orbax PyTree checkpoint with OCDBT,
+    the format of the official checkpoints. `path` must not exist yet.
+
+    Orbax's default numpy handler deep-copies every array before writing (so a caller may modify them during an
+    asynchronous save), which doubles peak memory; this save is synchronous, so it writes from the arrays given.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    tree = jax.tree_util.tree_map(np.asarray, to_layout(params, layout, config))
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()),  # unused (leaves are numpy); orbax warns without one
+    )
+    saver = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, type_handler_registry=registry))
+    saver.save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))
+    saver.close()
