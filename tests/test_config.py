@@ -3,28 +3,26 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import spec_numbers as spec
 import transformers
 
 from gemma4_jax import config, model
 from gemma4_jax.config import Gemma4Config, Gemma4Error
 
-# spec §7.1: total JAX tree minus vision encoder, audio encoder and mm projections = the text-only JAX tree.
-SPEC_TOTAL_JAX = {"e2b": 5_123_178_851, "e4b": 7_996_157_290, "31b": 31_273_088_876, "26b_a4b": 25_805_936_206}
-SPEC_VISION = {"e2b": 167_364_928, "e4b": 167_364_928, "31b": 569_550_384, "26b_a4b": 569_550_384}
-SPEC_AUDIO = {"e2b": 304_825_088, "e4b": 304_825_088, "31b": 0, "26b_a4b": 0}
-SPEC_MM_PROJ = {"e2b": 3_538_944, "e4b": 5_898_240, "31b": 6_193_152, "26b_a4b": 3_244_032}
-SPEC_TEXT_HF = {"e2b": 4_628_569_379, "e4b": 7_463_013_418, "31b": 30_697_345_340, "26b_a4b": 25_233_141_790}
-SPEC_UNUSED_READER_KV = {"e2b": 18_880_512, "e4b": 55_055_616, "31b": 0, "26b_a4b": 0}
-SPEC_PLE_TABLE = {"e2b": 2_348_810_240, "e4b": 2_818_572_288, "31b": 0, "26b_a4b": 0}
-
 
 @pytest.mark.parametrize("variant", config.OFFICIAL_VARIANTS)
 def test_param_count_equals_official_jax_tree(variant):
     shapes = model.param_shapes(config.get_config(variant))
-    text_jax_tree = SPEC_TOTAL_JAX[variant] - SPEC_VISION[variant] - SPEC_AUDIO[variant] - SPEC_MM_PROJ[variant]
+    # spec §7.1: total JAX tree minus vision encoder, audio encoder and mm projections = the text-only JAX tree.
+    text_jax_tree = (
+        spec.TOTAL_JAX[variant]
+        - spec.VISION_ENCODER[variant]
+        - spec.AUDIO_ENCODER[variant]
+        - spec.MM_PROJECTIONS[variant]
+    )
     assert model.count_params(shapes) == text_jax_tree
-    assert text_jax_tree == SPEC_TEXT_HF[variant] + SPEC_UNUSED_READER_KV[variant]
-    assert model.count_params(shapes["embedder"].get("per_layer_embeddings", {})) == SPEC_PLE_TABLE[variant]
+    assert text_jax_tree == spec.TEXT_HF[variant] + spec.UNUSED_READER_KV[variant]
+    assert model.count_params(shapes["embedder"].get("per_layer_embeddings", {})) == spec.PLE_TABLE[variant]
 
 
 def test_official_tree_names_and_shapes_e2b():
@@ -66,22 +64,12 @@ def test_per_layer_widths():
     assert config.G26B_A4B.layer_kv_heads(29) == 2 and config.G26B_A4B.layer_k_eq_v(29)
 
 
-# spec §7.2, W-capped bf16 KV cache in MiB
-SPEC_CACHE_MIB = {
-    "e2b": {4096: 30.0, 32768: 198, 131072: 774},
-    "e4b": {4096: 84, 32768: 532, 131072: 2068},
-    "31b": {4096: 1120, 32768: 3360, 131072: 11040, 262144: 21280},
-    "26b_a4b": {4096: 280, 32768: 840, 131072: 2760, 262144: 5320},
-}
-SPEC_BYTES_PER_TOKEN = {"e2b": 18_432, "e4b": 57_344, "31b": 901_120, "26b_a4b": 225_280}
-
-
 @pytest.mark.parametrize("variant", config.OFFICIAL_VARIANTS)
 def test_cache_bytes(variant):
     cfg = config.get_config(variant)
-    for context, mib in SPEC_CACHE_MIB[variant].items():
-        assert model.cache_bytes(cfg, context) == mib * 2**20
-    assert model.cache_bytes(cfg, 1) == SPEC_BYTES_PER_TOKEN[variant]
+    for context, (_, capped_mib) in spec.KV_MIB[variant].items():
+        assert model.cache_bytes(cfg, context) == capped_mib * 2**20
+    assert model.cache_bytes(cfg, 1) == spec.KV_BYTES_PER_TOKEN[variant]
 
 
 def test_rope_constants():

@@ -4,31 +4,12 @@ import json
 
 import jax
 import pytest
+import spec_numbers as spec
 
 from gemma4_jax import cli, config, memory, model, ple
 from gemma4_jax.errors import Gemma4Error
 
 VARIANTS = config.OFFICIAL_VARIANTS
-
-# spec §7.1, "total, HF tree" (text + vision + audio + projections, without the unused reader-layer K/V)
-SPEC_TOTAL_HF = {"e2b": 5_104_298_339, "e4b": 7_941_101_674, "31b": 31_273_088_876, "26b_a4b": 25_805_936_206}
-SPEC_TEXT_HF = {"e2b": 4_628_569_379, "e4b": 7_463_013_418, "31b": 30_697_345_340, "26b_a4b": 25_233_141_790}
-SPEC_TEXT_NO_PLE = {"e2b": 2_279_759_139, "e4b": 4_644_441_130, "31b": 30_697_345_340, "26b_a4b": 25_233_141_790}
-SPEC_TEXT_NO_PLE_NO_EMBED = {
-    "e2b": 1_877_105_955,
-    "e4b": 3_973_352_490,
-    "31b": 29_288_059_196,
-    "26b_a4b": 24_494_944_286,
-}
-SPEC_TOKEN_EMBED = {"e2b": 402_653_184, "e4b": 671_088_640, "31b": 1_409_286_144, "26b_a4b": 738_197_504}
-SPEC_PLE_TABLE = {"e2b": 2_348_810_240, "e4b": 2_818_572_288, "31b": 0, "26b_a4b": 0}
-SPEC_VISION_ENCODER = {"e2b": 167_364_928, "e4b": 167_364_928, "31b": 569_550_384, "26b_a4b": 569_550_384}
-SPEC_AUDIO_ENCODER = {"e2b": 304_825_088, "e4b": 304_825_088, "31b": 0, "26b_a4b": 0}
-SPEC_MM_PROJECTIONS = {"e2b": 3_538_944, "e4b": 5_898_240, "31b": 6_193_152, "26b_a4b": 3_244_032}
-SPEC_READER_KV = {"e2b": 18_880_512, "e4b": 55_055_616, "31b": 0, "26b_a4b": 0}
-# spec §2.4 (E2B / E4B): encoder + its projection
-SPEC_VISION_WITH_PROJECTION = {"e2b": 168_544_576, "e4b": 169_331_008}
-SPEC_AUDIO_WITH_PROJECTION = {"e2b": 307_184_384, "e4b": 308_757_248}
 
 # spec §7.1 "Weight bytes (HF tree, 1 GiB = 2³⁰ B)", as printed there (2 decimals); 8-bit covers sfp8 and int8
 SPEC_WEIGHT_GIB = {
@@ -38,15 +19,6 @@ SPEC_WEIGHT_GIB = {
     "q4_0": {"e2b": "2.67", "e4b": "4.16", "26b_a4b": "13.52", "31b": "16.38"},
 }
 
-# spec §7.2: context -> (uncapped, W-capped) MiB per batch element, bf16, and bytes per token
-SPEC_KV_MIB = {
-    "e2b": {4096: (72.0, 30.0), 32768: (576, 198), 131072: (2304, 774)},
-    "e4b": {4096: (224, 84), 32768: (1792, 532), 131072: (7168, 2068)},
-    "31b": {4096: (3520, 1120), 32768: (28160, 3360), 131072: (112640, 11040), 262144: (225280, 21280)},
-    "26b_a4b": {4096: (880, 280), 32768: (7040, 840), 131072: (28160, 2760), 262144: (56320, 5320)},
-}
-SPEC_KV_BYTES_PER_TOKEN = {"e2b": 18_432, "e4b": 57_344, "31b": 901_120, "26b_a4b": 225_280}
-
 
 def _part(p: memory.Plan, name: str) -> memory.Part | None:
     return next((part for part in p.parts if part.name == name), None)
@@ -55,21 +27,21 @@ def _part(p: memory.Plan, name: str) -> memory.Part | None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parameter_counts_equal_spec(variant):
     full = memory.plan(variant)
-    assert full.weight_params == SPEC_TOTAL_HF[variant]
-    assert full.reader_kv_params == SPEC_READER_KV[variant]
+    assert full.weight_params == spec.TOTAL_HF[variant]
+    assert full.reader_kv_params == spec.UNUSED_READER_KV[variant]
     text = memory.plan(variant, text_only=True)
-    assert text.weight_params == SPEC_TEXT_HF[variant]
+    assert text.weight_params == spec.TEXT_HF[variant]
     ple_table = _part(text, "PLE table")
-    assert (ple_table.params if ple_table else 0) == SPEC_PLE_TABLE[variant]
-    assert text.weight_params - (ple_table.params if ple_table else 0) == SPEC_TEXT_NO_PLE[variant]
-    assert _part(text, "token embedding").params == SPEC_TOKEN_EMBED[variant]
-    assert _part(text, "decoder").params == SPEC_TEXT_NO_PLE_NO_EMBED[variant]
+    assert (ple_table.params if ple_table else 0) == spec.PLE_TABLE[variant]
+    assert text.weight_params - (ple_table.params if ple_table else 0) == spec.TEXT_NO_PLE[variant]
+    assert _part(text, "token embedding").params == spec.TOKEN_EMBED[variant]
+    assert _part(text, "decoder").params == spec.TEXT_NO_PLE_NO_EMBED[variant]
     assert _part(text, "vision") is None and _part(text, "audio") is None
     vision = _part(full, "vision").params
     audio = _part(full, "audio").params if _part(full, "audio") else 0
-    assert vision + audio == SPEC_VISION_ENCODER[variant] + SPEC_AUDIO_ENCODER[variant] + SPEC_MM_PROJECTIONS[variant]
-    if variant in SPEC_VISION_WITH_PROJECTION:
-        assert (vision, audio) == (SPEC_VISION_WITH_PROJECTION[variant], SPEC_AUDIO_WITH_PROJECTION[variant])
+    assert vision + audio == spec.VISION_ENCODER[variant] + spec.AUDIO_ENCODER[variant] + spec.MM_PROJECTIONS[variant]
+    if variant in spec.VISION_WITH_PROJECTION:
+        assert (vision, audio) == (spec.VISION_WITH_PROJECTION[variant], spec.AUDIO_WITH_PROJECTION[variant])
 
 
 @pytest.mark.parametrize("quant", list(SPEC_WEIGHT_GIB))
@@ -79,7 +51,7 @@ def test_weight_bytes_equal_spec(quant):
         assert f"{p.weight_bytes / 2**30:.2f}" == gib, (variant, quant)
         assert p.weight_bytes == sum(part.bytes for part in p.parts if part.params is not None)
     # exact bytes per weight: bf16 2, 8-bit 1, Q4_0 18 bytes per block of 32
-    n = SPEC_TOTAL_HF["e2b"]
+    n = spec.TOTAL_HF["e2b"]
     exact = {"bf16": 2 * n, "sfp8": n, "int8": n, "q4_0": None}[quant]
     if exact is not None:
         assert memory.plan("e2b", quant).weight_bytes == exact
@@ -89,13 +61,13 @@ def test_weight_bytes_equal_spec(quant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_kv_cache_equals_spec(variant):
-    for context, (uncapped, capped) in SPEC_KV_MIB[variant].items():
+    for context, (uncapped, capped) in spec.KV_MIB[variant].items():
         p = memory.plan(variant, context=context)
         assert _part(p, "KV cache (W-capped)").bytes == capped * 2**20, context
         assert p.kv_uncapped_bytes == uncapped * 2**20, context
         assert _part(memory.plan(variant, context=context, batch=3), "KV cache (W-capped)").bytes == 3 * capped * 2**20
-    assert _part(memory.plan(variant, context=1), "KV cache (W-capped)").bytes == SPEC_KV_BYTES_PER_TOKEN[variant]
-    if 262144 not in SPEC_KV_MIB[variant]:  # "– (max 128K)"
+    assert _part(memory.plan(variant, context=1), "KV cache (W-capped)").bytes == spec.KV_BYTES_PER_TOKEN[variant]
+    if 262144 not in spec.KV_MIB[variant]:  # "– (max 128K)"
         with pytest.raises(Gemma4Error, match="outside"):
             memory.plan(variant, context=262144)
 
@@ -120,8 +92,8 @@ def test_device_bytes_e2b_with_and_without_ple_table():
     def nbytes(tree):
         return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
 
-    assert nbytes(table) == 2 * SPEC_PLE_TABLE["e2b"]
-    assert nbytes(rest) == nbytes(shapes) - 2 * SPEC_PLE_TABLE["e2b"]
+    assert nbytes(table) == 2 * spec.PLE_TABLE["e2b"]
+    assert nbytes(rest) == nbytes(shapes) - 2 * spec.PLE_TABLE["e2b"]
     assert "per_layer_embeddings" in shapes["embedder"]  # the caller's tree is untouched
 
 
@@ -134,7 +106,7 @@ def test_cli_table_and_json(capsys):
     parts = {p["name"]: p for p in d["parts"]}
     assert parts["PLE table"]["place"] == "host RAM"
     assert d["total_bytes"]["host RAM"] == parts["PLE table"]["bytes"]
-    assert d["weight_params"] == SPEC_TOTAL_HF["e4b"]
+    assert d["weight_params"] == spec.TOTAL_HF["e4b"]
 
 
 @pytest.mark.parametrize(
