@@ -16,90 +16,19 @@ Each worker prints one `BENCH_RESULT {json}` line on stdout; progress goes to st
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-RESULT_PREFIX = "BENCH_RESULT "
-PROMPT_SEED = 1234
-BOS_ID = 2  # Gemma's <bos>; the remaining prompt ids are drawn from [3, vocab) so no special control tokens
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common
+from common import OtherLoad, emit, limit_cpus, log, make_prompt, run_worker
+
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 JAX_ROW = "gemma4-jax (JAX)"
 HF_ROW = "HF transformers (torch)"
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def peak_rss_gib() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux).
-
-    Caveat this design works around: on exec, Linux seeds a child's ru_maxrss with its parent's peak RSS, so the
-    parent process must stay small (it never imports jax, torch or the model) for a worker's number to be its own.
-    """
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def limit_cpus(threads: int) -> None:
-    """Pins this process to `threads` CPUs. XLA sizes its CPU thread pool from the affinity mask; torch gets
-    `set_num_threads` as well. Must run before jax/torch are imported."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if threads > len(cpus):
-        raise SystemExit(f"--threads {threads}: only {len(cpus)} CPUs are available")
-    os.sched_setaffinity(0, cpus[:threads])
-
-
-def make_prompt(vocab_size: int, length: int) -> list[int]:
-    """The benchmark prompt: BOS, then random ids from a fixed seed (both workers call this, so they agree)."""
-    import numpy as np
-
-    rng = np.random.default_rng(PROMPT_SEED)
-    return [BOS_ID, *rng.integers(3, vocab_size, size=length - 1).tolist()]
-
-
-def emit(result: dict) -> None:
-    result["peak_rss_gib"] = peak_rss_gib()
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
-class OtherLoad:
-    """CPU time that other processes used while this worker timed something: they compete for the same cores.
-
-    Machine-wide busy time from /proc/stat minus this process's own CPU time, summed over the timed sections.
-    """
-
-    def __init__(self):
-        self.other_seconds = 0.0
-        self.wall_seconds = 0.0
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-        own = os.times()
-        return busy, own.user + own.system, time.perf_counter()
-
-    @contextlib.contextmanager
-    def measure(self):
-        busy, own, wall = self._sample()
-        yield
-        busy2, own2, wall2 = self._sample()
-        self.other_seconds += max(0.0, (busy2 - busy) - (own2 - own))
-        self.wall_seconds += wall2 - wall
-
-    @property
-    def cores(self) -> float | None:
-        """Average number of cores other processes kept busy during the timed sections (None: too short to tell,
-        /proc/stat counts in 10 ms ticks)."""
-        return self.other_seconds / self.wall_seconds if self.wall_seconds >= 1.0 else None
 
 
 # ----- workers (each runs in its own process) -------------------------------------------------------------
@@ -112,7 +41,7 @@ def worker_create(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from gemma4_jax import checkpoint, config, model
+    from gemma4_jax import config, hf_format, model
 
     cfg = config.get_config(args.variant)
     if all(os.path.exists(os.path.join(args.checkpoint, f)) for f in CHECKPOINT_FILES):
@@ -131,7 +60,7 @@ def worker_create(args) -> None:
     init_seconds = time.perf_counter() - start
     log(f"created in {init_seconds:.0f} s; saving to {args.checkpoint}")
     start = time.perf_counter()
-    checkpoint.save_hf_checkpoint(args.checkpoint, cfg, params)
+    hf_format.save_hf_checkpoint(args.checkpoint, cfg, params)
     save_seconds = time.perf_counter() - start
     size = os.path.getsize(os.path.join(args.checkpoint, "model.safetensors"))
     log(f"saved {size / 2**30:.2f} GiB in {save_seconds:.0f} s")
@@ -145,7 +74,7 @@ def worker_jax(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from gemma4_jax import checkpoint, model
+    from gemma4_jax import hf_format, model
     from gemma4_jax.sampler import Sampler, SamplingConfig
 
     if args.device == "gpu" and jax.default_backend() != "gpu":
@@ -153,7 +82,7 @@ def worker_jax(args) -> None:
     device = str(jax.devices()[0])
     log(f"JAX: loading {args.checkpoint} onto {device}")
     start = time.perf_counter()
-    cfg, params = checkpoint.load_hf_checkpoint(args.checkpoint, dtype=jnp.bfloat16)
+    cfg, params = hf_format.load_hf_checkpoint(args.checkpoint, dtype=jnp.bfloat16)
     jax.block_until_ready(params)
     load_seconds = time.perf_counter() - start
     prompt = make_prompt(cfg.vocab_size, args.prompt_len)
@@ -284,32 +213,11 @@ WORKERS = {"create": worker_create, "jax": worker_jax, "hf": worker_hf}
 # ----- parent: orchestration and the table -----------------------------------------------------------------
 
 
-def run_worker(kind: str, args, checkpoint_dir: str) -> dict | None:
+def run_decode_worker(kind: str, args, checkpoint_dir: str) -> dict | None:
     """Runs one worker (stderr passes through live) and returns its parsed result, or None if it failed."""
-    command = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        kind,
-        "--checkpoint",
-        checkpoint_dir,
-        "--variant",
-        args.variant,
-        "--prompt-len",
-        str(args.prompt_len),
-        "--new-tokens",
-        str(args.new_tokens),
-        "--threads",
-        str(args.threads),
-        "--device",
-        args.device,
-    ]
-    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not results:
-        log(f"{kind} worker failed (exit status {proc.returncode})")
-        return None
-    return json.loads(results[-1][len(RESULT_PREFIX) :])
+    options = {"checkpoint": checkpoint_dir, "variant": args.variant, "prompt_len": args.prompt_len}
+    options |= {"new_tokens": args.new_tokens, "threads": args.threads, "device": args.device}
+    return run_worker(__file__, kind, options)
 
 
 def rates(result: dict | None, prompt_len: int) -> tuple[float, float] | None:
@@ -423,10 +331,10 @@ def run_benchmark(args) -> int:
     log(f"work directory: {workdir}")
     jax_result = hf_result = None
     try:
-        create_result = run_worker("create", args, workdir)
+        create_result = run_decode_worker("create", args, workdir)
         if create_result is not None:
-            jax_result = run_worker("jax", args, workdir)
-            hf_result = run_worker("hf", args, workdir)
+            jax_result = run_decode_worker("jax", args, workdir)
+            hf_result = run_decode_worker("hf", args, workdir)
     finally:
         if args.keep:
             log(f"kept the checkpoint in {workdir}")
@@ -482,16 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.prompt_len < 1 or args.new_tokens < 2:
-        parser.error("--prompt-len must be >= 1 and --new-tokens >= 2 (decode speed needs steps after the first)")
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
-    if args.worker:
-        WORKERS[args.worker](args)
-        return 0
-    return run_benchmark(args)
+    return common.main(build_parser(), WORKERS, run_benchmark, argv)
 
 
 if __name__ == "__main__":

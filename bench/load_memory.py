@@ -1,6 +1,6 @@
-"""Peak host RSS of loading a full-size orbax checkpoint (random weights) with `sources.load_checkpoint`.
+"""Peak host RSS of loading a full-size orbax checkpoint (random weights) with `gemma4_jax.load`.
 
-    flock /tmp/heavy.lock .venv/bin/python scripts/measure_orbax_load.py e2b /tmp/e2b_orbax
+    .venv/bin/python bench/load_memory.py e2b /tmp/e2b_orbax
 
 Writes the checkpoint first (official NESTED layout, bf16, OCDBT; skipped if DIR exists), then loads it in a
 fresh process and prints the weights' bytes next to that process's peak RSS. Each phase runs in its own
@@ -10,7 +10,6 @@ process so its peak is its own. Needs about 2x the weights in free disk and ~1.2
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import subprocess
@@ -23,39 +22,27 @@ def _peak_rss() -> int:
 
 
 def write(variant: str, path: str) -> dict:
-    """Random weights drawn leaf by leaf straight into bf16 numpy arrays (no JAX copy), saved by orbax."""
-    import jax
-    import ml_dtypes
-    import numpy as np
-
-    from gemma4_jax import config, model, sources
+    """Random bf16 weights drawn leaf by leaf (`sources.RandomSource`, the draws of `init_params`), saved by orbax."""
+    from gemma4_jax import config, model, orbax_format, sources
 
     start = time.perf_counter()
-    cfg = config.get_config(variant)
-    rng = np.random.default_rng(0)
+    source = sources.RandomSource(config.get_config(variant), 0, "bfloat16")
     params: dict = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(model.param_shapes(cfg))[0]:
-        leaf_path = tuple(k.key for k in key_path)
-        std = model.init_std(leaf_path, leaf.shape)
-        value = np.empty(leaf.shape, ml_dtypes.bfloat16)
-        rows = max(1, (1 << 24) // max(1, math.prod(leaf.shape[1:])))
-        for i in range(0, leaf.shape[0], rows):
-            block = value[i : i + rows]
-            block[...] = 1.0 if std is None else rng.standard_normal(block.shape, np.float32) * np.float32(std)
-        sources._set(params, leaf_path, value)
-    nbytes = sum(v.nbytes for v in jax.tree_util.tree_leaves(params))
-    sources.save_orbax(path, params)
+    for leaf in source.leaves():
+        model.tree_set(params, leaf.path, source.read(leaf))
+    nbytes = source.nbytes()
+    orbax_format.save_orbax(path, params)
     return {"phase": "write", "bytes": nbytes, "peak_rss": _peak_rss(), "seconds": time.perf_counter() - start}
 
 
 def load(path: str) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from gemma4_jax import sources
+    import gemma4_jax
 
     start = time.perf_counter()
-    cfg, params, _ = sources.load_checkpoint(path, jnp.bfloat16, progress=True)
+    loaded = gemma4_jax.load(path, dtype="bfloat16")
+    cfg, params = loaded.config, loaded.params
     jax.block_until_ready(params)
     nbytes = sum(v.nbytes for v in jax.tree_util.tree_leaves(params))
     return {

@@ -11,8 +11,9 @@ step, so each row's peak RSS is that step's own:
    ships in the llama-cpp-python sdist, written as a `tokenizer.json` (random weights have no tokenizer).
 2. `create`: random bf16 weights (`init_params`) saved as an HF checkpoint (`save_hf_checkpoint`).
 3. `export` x3: `gemma4-jax export gguf --quant f16 | q8_0 | q4_0` of that checkpoint (time, peak RSS, size).
-4. `jax` x3: `load_hf_checkpoint` (bf16), then `quant.quantize_params(..., "int8" | "int4")` for the quantized
-   rows (packed weights dequantized inside the jitted matmuls); `Sampler.generate` once to compile, once timed.
+4. `jax` x3: `load_hf_checkpoint` (bf16), then `quant.quantize_params(..., JaxPolicy("int8" | "int4"))` for the
+   quantized rows (packed weights dequantized inside the jitted matmuls); `Sampler.generate` once to compile, once
+   timed.
 5. `llama` x3: llama-cpp-python on each GGUF file; a 2-token warm-up, then one timed greedy `generate`.
 
 Each worker prints one `BENCH_RESULT {json}` line on stdout; progress goes to stderr. Needs llama-cpp-python
@@ -25,13 +26,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import RESULT_PREFIX, OtherLoad, emit, limit_cpus, log, make_prompt
+import common
+from common import OtherLoad, emit, limit_cpus, log, make_prompt, run_worker
 
 GGUF_QUANTS = ("f16", "q8_0", "q4_0")
 JAX_FORMATS = ("bf16", "int8", "int4")
@@ -128,7 +129,7 @@ def worker_create(args) -> None:
     limit_cpus(args.threads)
     import jax.numpy as jnp
 
-    from gemma4_jax import checkpoint, model
+    from gemma4_jax import hf_format, model
     from gemma4_jax.config import Gemma4Config
 
     cfg = bench_config(args)
@@ -141,22 +142,20 @@ def worker_create(args) -> None:
     log(f"creating random {cfg.name} weights: {n_params / 1e9:.2f} B parameters")
     start = time.perf_counter()
     params = model.init_params(cfg, 0, jnp.bfloat16)
-    checkpoint.save_hf_checkpoint(args.checkpoint, cfg, params)
+    hf_format.save_hf_checkpoint(args.checkpoint, cfg, params)
     emit({"seconds": time.perf_counter() - start, "params": n_params, "config": cfg.name})
 
 
 def worker_export(args) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     limit_cpus(args.threads)
-    from gemma4_jax.export import gguf as gguf_export
+    from gemma4_jax.export.gguf import export_gguf
+    from gemma4_jax.sources import open_source
 
     out = os.path.join(args.workdir, f"model-{args.quant}.gguf")
     log(f"export: GGUF {args.quant} -> {out}")
     start = time.perf_counter()
-    namespace = argparse.Namespace(
-        checkpoint=args.checkpoint, variant=None, dtype=None, init_seed=0, tokenizer=None, quant=args.quant, output=out
-    )
-    gguf_export.run(namespace)
+    log(export_gguf(open_source(args.checkpoint), out, quant=args.quant))
     emit({"seconds": time.perf_counter() - start, "bytes": os.path.getsize(out), "path": out})
 
 
@@ -166,16 +165,16 @@ def worker_jax(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from gemma4_jax import checkpoint, quant
+    from gemma4_jax import hf_format, quant
     from gemma4_jax.sampler import Sampler, SamplingConfig
 
     log(f"JAX {args.format}: loading {args.checkpoint}")
-    cfg, params = checkpoint.load_hf_checkpoint(args.checkpoint, dtype=jnp.bfloat16)
+    cfg, params = hf_format.load_hf_checkpoint(args.checkpoint, dtype=jnp.bfloat16)
     jax.block_until_ready(params)
     quantize_seconds = 0.0
     if args.format != "bf16":
         start = time.perf_counter()
-        params = quant.quantize_params(params, cfg, args.format)
+        params = quant.quantize_params(params, cfg, quant.JaxPolicy(args.format))
         jax.block_until_ready(params)
         quantize_seconds = time.perf_counter() - start
         log(f"JAX {args.format}: quantized in {quantize_seconds:.0f} s")
@@ -256,28 +255,11 @@ WORKERS = {
 # ----- parent -----------------------------------------------------------------------------------------------
 
 
-def run_worker(kind: str, args, **extra) -> dict | None:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", kind]
-    options = {
-        "variant": args.variant,
-        "layers": args.layers,
-        "prompt-len": args.prompt_len,
-        "new-tokens": args.new_tokens,
-        "threads": args.threads,
-        "checkpoint": args.checkpoint,
-        "workdir": args.workdir,
-        "sdist": args.sdist,
-        **extra,
-    }
-    for key, value in options.items():
-        command += [f"--{key}", str(value)]
+def run_quant_worker(kind: str, args, **extra) -> dict | None:
+    options = {"variant": args.variant, "layers": args.layers, "prompt_len": args.prompt_len}
+    options |= {"new_tokens": args.new_tokens, "threads": args.threads, "checkpoint": args.checkpoint}
     log(f"worker {kind} {extra or ''}")
-    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not results:
-        log(f"{kind} worker failed (exit status {proc.returncode})")
-        return None
-    return json.loads(results[-1][len(RESULT_PREFIX) :])
+    return run_worker(__file__, kind, options | {"workdir": args.workdir, "sdist": args.sdist, **extra})
 
 
 def _rates(result, prompt_len):
@@ -339,16 +321,16 @@ def run_benchmark(args) -> int:
     log(f"work directory: {args.workdir}")
     exports, jax_rows, llama_rows = {}, {}, {}
     try:
-        vocab = run_worker("vocab", args)
-        create = run_worker("create", args) if vocab else None
+        vocab = run_quant_worker("vocab", args)
+        create = run_quant_worker("create", args) if vocab else None
         if create:
             for q in GGUF_QUANTS:
-                exports[q] = run_worker("export", args, quant=q)
+                exports[q] = run_quant_worker("export", args, quant=q)
             for fmt in JAX_FORMATS:
-                jax_rows[fmt] = run_worker("jax", args, format=fmt)
+                jax_rows[fmt] = run_quant_worker("jax", args, format=fmt)
             for q in GGUF_QUANTS:
                 if exports[q]:
-                    llama_rows[q] = run_worker("llama", args, quant=q)
+                    llama_rows[q] = run_quant_worker("llama", args, quant=q)
     finally:
         if not args.keep and created:
             shutil.rmtree(args.workdir, ignore_errors=True)
@@ -361,7 +343,7 @@ def run_benchmark(args) -> int:
         "weight GiB: JAX: bytes of the parameter tree (packed codes + scales for quantized leaves); llama.cpp: file "
         "size. prepare: GGUF export of the bf16 checkpoint (llama.cpp rows; peak RSS of the exporting process) or "
         "quantize_params on the loaded bf16 tree (JAX rows).",
-        "JAX int8 / int4: quant.QuantPolicy defaults (norms, router in float; int4 keeps the PLE projections, token "
+        "JAX int8 / int4: quant.JaxPolicy defaults (norms, router in float; int4 keeps the PLE projections, token "
         "embedding and PLE table at 8 bits). llama.cpp q4_0: Q4_0 matrices, Q8_0 embedding tables, f16 "
         "per_layer_model_proj (see gemma4_jax/export/gguf.py).",
         "prefill tok/s: prompt / time to the first token. decode tok/s: (N-1) tokens after the first / their time. "
@@ -405,14 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.prompt_len < 1 or args.new_tokens < 2:
-        parser.error("--prompt-len must be >= 1 and --new-tokens >= 2")
-    if args.worker:
-        WORKERS[args.worker](args)
-        return 0
-    return run_benchmark(args)
+    return common.main(build_parser(), WORKERS, run_benchmark, argv)
 
 
 if __name__ == "__main__":

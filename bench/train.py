@@ -21,23 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-RESULT_PREFIX = "BENCH_RESULT "
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULT_PREFIX, log, peak_rss_gib, run_worker
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def make_rows(vocab_size: int, rows: int, length: int, seed: int):
@@ -51,11 +43,11 @@ def make_rows(vocab_size: int, rows: int, length: int, seed: int):
 def worker_create(args) -> dict:
     import jax.numpy as jnp
 
-    from gemma4_jax import checkpoint, config, model
+    from gemma4_jax import config, hf_format, model
 
     cfg = config.get_config(args.variant)
     params = model.init_params(cfg, 0, jnp.dtype(args.dtype))
-    checkpoint.save_hf_checkpoint(args.dir, cfg, params)
+    hf_format.save_hf_checkpoint(args.dir, cfg, params)
     return {"params": model.count_params(params)}
 
 
@@ -82,11 +74,11 @@ def worker_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
+
+    from gemma4_jax import hf_format
     from gemma4_jax.train import loop, lora
 
-    from gemma4_jax import checkpoint
-
-    cfg, base = checkpoint.load_hf_checkpoint(args.dir, dtype=jnp.dtype(args.dtype))
+    cfg, base = hf_format.load_hf_checkpoint(args.dir, dtype=jnp.dtype(args.dtype))
     lora_cfg = lora.LoraConfig(args.rank, args.alpha, 0.0, TARGETS)
     tc = loop.TrainConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=1e-4, warmup_steps=0)
     step = loop.make_step(cfg, lora_cfg, tc)
@@ -143,16 +135,14 @@ def worker_hf(args) -> dict:
     return result | {"adapter_params": sum(p.numel() for p in trainable), "torch_threads": torch.get_num_threads()}
 
 
-def run_worker(kind: str, args, directory: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--dir", directory]
-    for name in ("variant", "dtype", "steps", "warmup", "batch", "seq_len", "rank", "alpha", "seed"):
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+def run_train_worker(kind: str, args, directory: str) -> dict:
+    options = {name: getattr(args, name) for name in ("variant", "dtype", "steps", "warmup", "batch", "seq_len")}
+    options |= {"rank": args.rank, "alpha": args.alpha, "seed": args.seed, "dir": directory}
     log(f"worker {kind} ...")
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"worker {kind} failed with status {done.returncode}")
-    line = next(x for x in done.stdout.splitlines() if x.startswith(RESULT_PREFIX))
-    return json.loads(line[len(RESULT_PREFIX) :])
+    result = run_worker(__file__, kind, options)
+    if result is None:
+        raise SystemExit(f"worker {kind} failed")
+    return result
 
 
 def main() -> None:
@@ -177,9 +167,9 @@ def main() -> None:
         return
     directory = tempfile.mkdtemp(prefix="bench-train-")
     try:
-        created = run_worker("create", args, directory)
-        ours = run_worker("jax", args, directory)
-        hf = run_worker("hf", args, directory)
+        created = run_train_worker("create", args, directory)
+        ours = run_train_worker("jax", args, directory)
+        hf = run_train_worker("hf", args, directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     load = os.getloadavg()[0]
