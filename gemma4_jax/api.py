@@ -245,25 +245,13 @@ def _jitted_apply():
 # ----- loading -----------------------------------------------------------------------------------------------
 
 
-def _to_device(value: np.ndarray, dtype) -> jax.Array:
-    """`value` as a JAX array of `dtype`, converted into an aligned buffer the CPU backend adopts without a copy."""
-    from gemma4_jax.hf_format import np_dtype
-
-    target = np_dtype(dtype)
-    aligned = value.ctypes.data % 64 == 0 and value.flags.c_contiguous
-    if value.dtype != target or not aligned:
-        buffer = files.aligned_empty(value.shape, target)
-        buffer[...] = value
-        value = buffer
-    return jax.device_put(value, may_alias=True)
-
-
 def read_params(
     source: sources.WeightSource, dtype, ple_mode: str = "device", progress: bool = True, check_finite: bool = True
 ) -> Params:
     """Every leaf of `source` as a JAX array of `dtype` (quantized checkpoints: packed weights), one at a time; the
     PLE table stays in host RAM or memory-mapped with `ple_mode` host/mmap. Non-finite weights are refused, naming
     the tensor."""
+    from gemma4_jax.hf_format import np_dtype
     from gemma4_jax.quant.checkpoint import QuantizedSource
 
     meter = files.Progress(
@@ -278,10 +266,12 @@ def read_params(
             value = source.load_weight(leaf, dtype)
             nbytes = 0
         else:
-            array = source.read(leaf)
+            # Read straight into the load dtype (a random source draws in it, as init_params does), in an aligned
+            # buffer that the CPU backend adopts as the array's memory without a copy.
+            array = files.as_aligned(source.read(leaf, dtype), np_dtype(dtype))
             if check_finite:
                 check_finite_array(array, leaf.name, source.description)
-            value = _to_device(array, dtype)
+            value = jax.device_put(array, may_alias=True)
             nbytes = value.nbytes
             del array
         tree_set(params, leaf.path, value)

@@ -178,6 +178,17 @@ def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
     return buffer[start : start + nbytes].view(dtype).reshape(shape)
 
 
+def as_aligned(value: np.ndarray, dtype) -> np.ndarray:
+    """`value` as a C-contiguous, 64-byte-aligned array of `dtype`: itself when it already is one, else converted into
+    a new aligned buffer in one pass (no intermediate copy)."""
+    dtype = np.dtype(dtype)
+    if value.dtype == dtype and value.flags.c_contiguous and value.ctypes.data % 64 == 0:
+        return value
+    out = aligned_empty(value.shape, dtype)
+    out[...] = value
+    return out
+
+
 # ----- safetensors -------------------------------------------------------------------------------------------
 
 SAFETENSORS_DTYPES = {

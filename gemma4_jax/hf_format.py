@@ -184,8 +184,8 @@ class HFSource(WeightSource):
         target = np_dtype(dtype) if dtype is not None else self.dtype(leaf)
         if not self.has(leaf):  # unused reader K/V, not written by transformers
             return np.zeros(leaf.shape, target)
-        value = leaf.from_hf(*[self.files.read(self.prefix + n) for n in leaf.hf])
-        return value.astype(target, copy=False)
+        # The HF tensors are read into aligned buffers; a transposed or converted leaf gets one more.
+        return files.as_aligned(leaf.from_hf(*[self.files.read(self.prefix + n) for n in leaf.hf]), target)
 
     def hf_rows(self, leaf: Leaf, index: int, start: int, stop: int) -> np.ndarray:
         return self.files.read_rows(self.prefix + leaf.hf[index], start, stop)

@@ -202,6 +202,7 @@ def _check_greedy(ours: list[int], theirs: list[int], full_logits: np.ndarray, e
     assert ours == theirs, f"{what}: greedy continuations differ: {ours} vs {theirs}"
 
 
+@pytest.mark.slow
 def test_f32_logits_and_greedy_match_jax(case, monkeypatch):
     ours, our_greedy, full = jax_run(case.cfg, case.params, PROMPT, NEW_TOKENS)
     theirs, their_greedy = llama_run(case.gguf("f32"), PROMPT, NEW_TOKENS)
@@ -222,6 +223,7 @@ def test_f32_logits_and_greedy_match_jax(case, monkeypatch):
     _check_greedy(our_greedy, their_greedy, full, err, f"{case.name} f32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0", "q4_0"])
 def test_quantized_logits_and_greedy_match_jax_on_dequantized_weights(case, quant):
     path = case.gguf(quant)
@@ -239,6 +241,7 @@ def test_quantized_logits_and_greedy_match_jax_on_dequantized_weights(case, quan
     _check_greedy(our_greedy, their_greedy, full, err, f"{case.name} {quant}")
 
 
+@pytest.mark.slow
 def test_file_contents(case, tokenizer_dir):
     import json
 
@@ -438,6 +441,7 @@ def test_bf16_checkpoint_exports_exact_values(tmp_path, capsys, tokenizer_dir):
             np.testing.assert_array_equal(stored.astype(np.float32).reshape(value.shape), value.astype(np.float32))
 
 
+@pytest.mark.slow
 def test_merged_lora_checkpoint_runs_in_llama_cpp(tmp_path, tokenizer_dir, capsys):
     """A LoRA fine-tune ships: adapters saved in PEFT layout, `gemma4-jax merge` into a normal checkpoint,
     `export gguf`, and llama.cpp's logits equal our adapted (unmerged) forward within the f32 tolerance."""

@@ -86,6 +86,7 @@ def test_full_forward_matches_hf(reference, precision):
     assert error <= TOLERANCE[precision], f"{cfg.name} {precision}: max-abs logits error {error:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float64", "float32"])
 @pytest.mark.parametrize(
     "chunks, width",
@@ -107,6 +108,7 @@ def test_cached_decode_matches_full_forward(reference, precision, chunks, width)
     assert np.abs(cached - np.asarray(full)).max() <= TOLERANCE[precision]
 
 
+@pytest.mark.slow
 def test_local_cache_is_a_ring_of_window_slots(reference):
     cfg = reference[0]
     cache = model.init_cache(cfg, batch=1, cache_length=32)
@@ -124,6 +126,7 @@ def _hf_greedy(hf, prompt, new_tokens):
     return out[0, len(prompt) :].tolist()
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_hf(reference):
     """32 greedy tokens, for a batch of three prompts of different lengths, equal HF `generate` per prompt."""
     cfg, hf, path = reference

@@ -74,6 +74,7 @@ def _side(cfg, out):
     return {name: _read(os.path.join(out, file)) for name, file in litert.SIDE_MODELS.items()}
 
 
+@pytest.mark.slow
 def test_layout(exported):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -98,6 +99,7 @@ def test_layout(exported):
         assert outputs["embeddings"].shape == (1, 1, cfg.num_layers, cfg.per_layer_input_dim)
 
 
+@pytest.mark.slow
 def test_float_matches_jax(exported):
     cfg, params, out = exported
     reference = litert.jax_reference(cfg, params, PROMPT, DECODE_STEPS + 1, CACHE_LEN)
@@ -123,6 +125,7 @@ def _side_paths(paths):
     return {name: paths[file] for name, file in litert.SIDE_MODELS.items() if file in paths}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_matches_jax_on_quantized_weights(exported, quant, tmp_path, monkeypatch):
     cfg, params, out = exported
@@ -176,6 +179,7 @@ def _weight_tensors(model_bytes):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_weights_equal_ai_edge_quantizer(exported, quant, tmp_path):
     """Our quantized FULLY_CONNECTED weights are bit-identical (type, scales, zero points, packed data) to
@@ -200,6 +204,7 @@ def test_quantized_weights_equal_ai_edge_quantizer(exported, quant, tmp_path):
         assert tensor == oracle[key], key
 
 
+@pytest.mark.slow
 def test_int4_keeps_per_layer_inputs_at_8_bits(exported, tmp_path):
     """The PLE projections' weights stay int8 when the rest is int4 (4 bits there roughly doubles error)."""
     from ai_edge_litert import schema_py_generated as schema
@@ -217,6 +222,7 @@ def test_int4_keeps_per_layer_inputs_at_8_bits(exported, tmp_path):
         assert tensor_type == (schema.TensorType.INT8 if name in ple else schema.TensorType.INT4), name
 
 
+@pytest.mark.slow
 def test_litert_lm_engine_greedy_equals_jax(exported, tokenizer_dir, tmp_path):
     """The engine streams text, not ids: its greedy text must equal its own detokenization of JAX's greedy ids
     (cut at the first stop token), after it tokenized the prompt to the same ids as our tokenizer."""
@@ -257,6 +263,7 @@ def test_litert_lm_engine_greedy_equals_jax(exported, tokenizer_dir, tmp_path):
     assert generated == expected
 
 
+@pytest.mark.slow
 def test_quantized_cli_export_runs_in_engine(tokenizer_dir, tmp_path):
     """The CLI's int4 path (bf16 load, tensor-by-tensor quantization, decode-only weight-only twin check) writes
     a bundle the litert-lm engine runs (offset/size buffers, int8 lookup tables)."""
@@ -298,3 +305,17 @@ def test_bad_arguments_write_nothing(tmp_path, capsys):
     assert cli.main(["export", "litert", "--variant", "tiny", "-o", str(out)]) == 2
     assert "exists and is not an empty directory" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
+
+
+def test_float_export_of_random_weights_checks_itself(tokenizer_dir, tmp_path):
+    """The default tier's LiteRT path: a float export of random weights, which the exporter runs in the interpreter
+    against model.apply before writing anything (the slow tests check trained models in depth)."""
+    import json
+
+    out = str(tmp_path / "litert")
+    argv = ["export", "litert", "--variant", "tiny", "--tokenizer", tokenizer_dir, "--prefill-len", "16"]
+    assert cli.main([*argv, "--cache-len", "64", "-o", out]) == 0
+    with open(os.path.join(out, "export.json")) as f:
+        check = json.load(f)["check"]
+    assert check["max_abs_logit_diff"] <= 1e-3 and check["litert_greedy"] == check["jax_greedy"]
+    assert set(os.listdir(out)) == {"model.tflite", "model.litertlm", "export.json", *litert.SIDE_MODELS.values()}

@@ -70,7 +70,10 @@ forward = jax.jit(model.apply, static_argnames=("config",))
 # ----- adapters, merge, PEFT ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, dtype", [("tiny", "float32"), ("tiny", "float64"), ("tiny_keqv", "float64")])
+@pytest.mark.parametrize(
+    "name, dtype",
+    [pytest.param("tiny", "float32", marks=pytest.mark.slow), ("tiny", "float64"), ("tiny_keqv", "float64")],
+)
 def test_merged_forward_equals_adapted_forward(name, dtype):
     """f64: equal to 1e-12. f32: max-abs <= 1e-5 x max|logit| (~4e-5 here): merely re-rounding each merged weight
     by <= 1/2 ulp already moves this random 9-layer model's logits by 1.3e-5 (measured), so an absolute 1e-5
@@ -92,6 +95,7 @@ def test_merged_forward_equals_adapted_forward(name, dtype):
     assert np.max(np.abs(adapted - merged)) <= bound
 
 
+@pytest.mark.slow
 def test_qlora_int8_base():
     """A quantized base (QLoRA): the adapted forward equals the merged forward of the dequantized base."""
     from gemma4_jax import quant
@@ -143,6 +147,7 @@ def test_target_patterns():
         lora.select_targets(CFG, lora.LoraConfig(targets=("q_proj", "qkv")))
 
 
+@pytest.mark.slow
 def test_reader_layers_train_source_kv_adapters():
     """Adapters on a source layer's K/V get gradient from the KV-shared readers (no cache on this path).
 
@@ -177,6 +182,7 @@ def test_reader_layers_train_source_kv_adapters():
     assert abs(analytic - numeric) <= 1e-6 * abs(analytic), (analytic, numeric)
 
 
+@pytest.mark.slow
 def test_peft_export_matches_transformers_peft(tmp_path):
     import torch
     from hf_reference import full_float64, hf_model
@@ -277,6 +283,7 @@ def test_overlong_chats_are_dropped_and_text_is_windowed(tokenizer, tmp_path):
 # ----- training ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_chats_and_greedy_generation_reproduces_an_answer(files, tokenizer, tmp_path, capsys):
     from gemma4_jax.sampler import Sampler
 
@@ -303,6 +310,7 @@ def test_tiny_model_overfits_chats_and_greedy_generation_reproduces_an_answer(fi
     assert generated.finish_reasons[0] == "stop"  # it ended on <turn|>
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(files, tokenizer, tmp_path):
     ds = data.load_dataset([str(files / "chat.jsonl")], tokenizer, 64)
     rows = data.pack(ds.examples, 64)
@@ -333,6 +341,7 @@ def _losses(out):
     return {e["step"]: e["loss"] for e in entries if "loss" in e}
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_losses(files, tmp_path):
     """SIGKILL after a checkpoint, `--resume`: the per-step losses equal an uninterrupted run's (dropout,
     accumulation, eval and data order included)."""

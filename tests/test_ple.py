@@ -71,6 +71,7 @@ def test_forward_logits_bit_identical(ckpt):
     np.testing.assert_array_equal(_apply(in_tree, tokens, config=CFG)[0], on_device)
 
 
+@pytest.mark.slow
 def test_sampler_prefill_and_decode_identical(ckpt):
     """Greedy generation (prefill of prompts of different lengths, then one decode step per token) with the
     table on the device, in host RAM (ple_table=) and memory-mapped (a HostPLE in the tree)."""
@@ -85,6 +86,7 @@ def test_sampler_prefill_and_decode_identical(ckpt):
     assert mapped.generate(prompts, 10).tokens == on_device
 
 
+@pytest.mark.slow
 def test_cli_generate_ple_modes_agree(capsys, ckpt):
     outputs = []
     for mode in ("device", "host", "mmap"):

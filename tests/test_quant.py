@@ -278,7 +278,7 @@ def _specs(qparams) -> dict[str, str]:
 FORWARD_CASES = [
     ("tiny", ["sfp8", "int8", "int4", "q4_0"]),  # q4_0 puts the tables and PLE projections in Q8_0
     ("tiny_keqv", ["int4"]),
-    ("tiny_moe", ["q4_0", "sfp8"]),
+    pytest.param("tiny_moe", ["q4_0", "sfp8"], marks=pytest.mark.slow),
 ]
 # f32: the packed forward and the dense forward on the decoded weights compute the same sums, in possibly
 # another order (the einsum sees the weight in its stored layout).

@@ -192,6 +192,7 @@ def test_bad_input(tmp_path, tok_dir):
         tok.render_chat([])
 
 
+@pytest.mark.slow
 def test_real_gemma4_vocabulary_matches_llama_cpp(tmp_path):
     """The real 262,144-token Gemma 4 vocabulary (llama.cpp's vocab-only GGUF) as an HF BPE tokenizer.json: our
     tokenizer reproduces llama.cpp's tokenization test vectors (.inp -> .out, written by llama.cpp's authors),

@@ -57,6 +57,7 @@ def _random_direction(params, only=None, seed=0):
     return jax.tree_util.tree_unflatten(tree, [d / norm for d in out])  # unit length: eps is the step size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "only",
     [
@@ -79,6 +80,7 @@ def test_gradient_matches_finite_differences(only):
     assert abs(analytic - numeric) <= 1e-6 * abs(analytic), (analytic, numeric)
 
 
+@pytest.mark.slow
 def test_unused_reader_kv_weights_get_no_gradient():
     with jax.enable_x64(True):
         _, _, _, grads = _setup()
@@ -88,6 +90,7 @@ def test_unused_reader_kv_weights_get_no_gradient():
         assert np.any(np.asarray(grads[f"layer_{i}"]["attn"]["kv_einsum"]["w"]))
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
     with jax.enable_x64(True):
         params, tokens, loss, grads = _setup()
