@@ -84,8 +84,9 @@ def _pil():
 def load_rgb(image) -> np.ndarray:
     """A path, PIL image or uint8 array -> [H, W, 3] uint8 RGB, converted exactly as transformers does:
 
-    - path: opened with Pillow, EXIF orientation applied (`ImageOps.exif_transpose`), then `convert("RGB")`
-      (transformers' `load_image`; an alpha channel is dropped, not composited);
+    - path: opened with Pillow, EXIF orientation applied (`ImageOps.exif_transpose`), `convert("RGB")`
+      (transformers' `load_image`: an alpha channel is dropped, a palette's transparent index becomes a colour
+      key), then as a PIL image;
     - PIL image: taken as is (no EXIF rotation); with an alpha channel or a transparency key it is composited
       onto white, otherwise `convert("RGB")` (grayscale, palette, CMYK, ...);
     - numpy array, channels last: [H, W] or [H, W, 1] gray (repeated), [H, W, 3] RGB, [H, W, 4] RGBA
@@ -98,7 +99,8 @@ def load_rgb(image) -> np.ndarray:
             raise Gemma4Error(f"image file not found: {path}")
         try:
             with PIL.Image.open(path) as opened:
-                return np.asarray(PIL.ImageOps.exif_transpose(opened).convert("RGB"))
+                # `convert("RGB")` keeps a palette's transparency as a colour key, composited below.
+                image = PIL.ImageOps.exif_transpose(opened).convert("RGB")
         except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
             raise Gemma4Error(f"cannot read image {path}: {e}") from None
     if isinstance(image, PIL.Image.Image):
