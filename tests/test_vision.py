@@ -224,6 +224,17 @@ def test_padding_does_not_change_valid_tokens(reference):
     assert np.abs(short - np.asarray(long)[0, :n]).max() <= 1e-5 * np.abs(short).max()  # f32 summation order
 
 
+def test_query_blocks_do_not_change_the_result(monkeypatch):
+    """Large images attend in blocks of queries (memory); blocks of 100 over 630 patches give the same result."""
+    cfg = vision.TINY_VISION
+    params = vision.init_vision_params(cfg, seed=5)
+    one = image.preprocess(_photo("coffee.png"), 70)
+    whole, _ = jax.jit(lambda p, x, y: vision.encode(p, x, y, cfg))(params, one.patches[None], one.positions[None])
+    monkeypatch.setattr(vision, "_QUERY_BLOCK", 100)  # read when tracing: a new jitted function sees it
+    blocked, _ = jax.jit(lambda p, x, y: vision.encode(p, x, y, cfg))(params, one.patches[None], one.positions[None])
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-5, atol=1e-5)
+
+
 def test_mapping_covers_every_hf_tensor_and_round_trips(reference):
     cfg, hf = reference
     names = {k for k in hf.state_dict() if k.startswith(("model.vision_tower.", "model.embed_vision."))}
