@@ -459,7 +459,7 @@ def audio_to_hf(params: Params, config: AudioConfig | None = None) -> dict[str, 
         config = AudioConfig("from-params", num_layers=layers, use_clipped_linears=clipped)
     out = {}
     for path, hf_name, transform in audio_mapping(config):
-        out[hf_name] = np.ascontiguousarray(TO_HF[transform](np.asarray(tree_get(params, path))))
+        out[hf_name] = np.array(TO_HF[transform](np.asarray(tree_get(params, path))), order="C")  # 0-d stays 0-d
     return out
 
 
