@@ -313,16 +313,18 @@ FROM_HF: dict[str, Callable[[np.ndarray, tuple[int, ...]], np.ndarray]] = {
 }
 
 
-def audio_mapping(config: AudioConfig) -> list[tuple[tuple[str, ...], str, str]]:
-    """`AUDIO_HF_MAPPING` expanded for `config`: layers 0..L-1, no clip rows without clipped linears."""
-    rows = []
-    for path, hf_name, transform in AUDIO_HF_MAPPING:
-        if path[-1].startswith("clip_") and not config.use_clipped_linears:
+def _expanded(cfg: AudioConfig) -> Iterator[tuple[tuple[str, ...], tuple[str, ...], str, str]]:
+    """(template path, path, HF name, transform) per leaf: layers 0..L-1, clip rows only with clipped linears."""
+    for template, hf_name, transform in AUDIO_HF_MAPPING:
+        if template[-1].startswith("clip_") and not cfg.use_clipped_linears:
             continue
-        layers = range(config.num_layers) if LAYER in path else [None]
-        for i in layers:
-            rows.append((tuple(k.format(i=i) for k in path), hf_name.format(i=i), transform))
-    return rows
+        for i in range(cfg.num_layers) if LAYER in template else [None]:
+            yield template, tuple(k.format(i=i) for k in template), hf_name.format(i=i), transform
+
+
+def audio_mapping(config: AudioConfig) -> list[tuple[tuple[str, ...], str, str]]:
+    """`AUDIO_HF_MAPPING` expanded for `config`: (official path, HF name, transform) for every leaf."""
+    return [(path, hf_name, transform) for _, path, hf_name, transform in _expanded(config)]
 
 
 # ----- parameter shapes and random init ---------------------------------------------------------------------------
@@ -371,11 +373,8 @@ def _template_shapes(cfg: AudioConfig) -> dict[tuple[str, ...], tuple[int, ...]]
 def _leaf_shapes(cfg: AudioConfig) -> Iterator[tuple[tuple[str, ...], tuple[int, ...], str, str]]:
     """(path, shape, HF name, transform) of every leaf, in table order."""
     templates = _template_shapes(cfg)
-    for path, hf_name, transform in AUDIO_HF_MAPPING:
-        if path[-1].startswith("clip_") and not cfg.use_clipped_linears:
-            continue
-        for i in range(cfg.num_layers) if LAYER in path else [None]:
-            yield tuple(k.format(i=i) for k in path), templates[path], hf_name.format(i=i), transform
+    for template, path, hf_name, transform in _expanded(cfg):
+        yield path, templates[template], hf_name, transform
 
 
 def audio_param_shapes(config: AudioConfig, dtype=jnp.float32) -> Params:
