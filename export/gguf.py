@@ -108,8 +108,8 @@ def plan_tensors(source, quant: str, n_vocab: int) -> list[TensorPlan]:
     freqs = np.array([1.0] * rotated + [1e30] * (config.global_head_dim // 2 - rotated), np.float32)
     plans = [TensorPlan(ROPE_FREQS, freqs.shape, gguf_type(None, freqs.shape, quant), lambda a, b: freqs[a:b])]
     for leaf in param_spec.param_spec(config):
-        if leaf.unused:
-            continue  # llama.cpp's KV-shared readers have no K/V tensors
+        if leaf.unused or leaf.part != "text":
+            continue  # llama.cpp's KV-shared readers have no K/V tensors; the encoders go to an mmproj file
         for index, (name, shape) in enumerate(zip(leaf.gguf, leaf.hf_shapes, strict=True)):
             if leaf.axes[0] == "vocab":
                 shape = (n_vocab, *shape[1:])

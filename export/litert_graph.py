@@ -75,8 +75,8 @@ def graph_weights(config: Gemma4Config, params, dtype=np.float32, prepare=None) 
     prepare = prepare or (lambda name, leaf, w: w)
     out: Weights = {}
     for leaf in param_spec.param_spec(config):
-        if leaf.unused:
-            continue
+        if leaf.unused or leaf.part != "text":
+            continue  # the encoders are graphs of their own
         if leaf.quant == param_spec.SCALE:
             out[leaf.name] = source.read(leaf, np.float32)
             continue

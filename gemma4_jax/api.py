@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma4_jax import files, ple, sources
+from gemma4_jax import files, multimodal, param_spec, ple, sources
+from gemma4_jax import image as image_lib
 from gemma4_jax.config import Gemma4Config
 from gemma4_jax.errors import Gemma4Error
 from gemma4_jax.model import Params, tree_set
@@ -83,9 +84,9 @@ def plan_load(source: sources.WeightSource, dtype, ple_mode: str) -> LoadPlan:
     if isinstance(source, _quantized_source_type()):
         total = source.packed_nbytes()
         return LoadPlan(str(jnp.dtype(dtype or source.compute_dtype)), ple_mode, total, 0)
-    target = np_dtype(dtype)
     resident = transient = 0
     for leaf in source.leaves():
+        target = np_dtype(param_spec.leaf_dtype(leaf, dtype))
         nbytes = math.prod(leaf.shape) * target.itemsize
         if leaf.path == ple.TABLE_PATH and ple_mode == "mmap":
             nbytes = 0  # file-backed pages, evictable
@@ -180,21 +181,59 @@ class Model:
             )
         return self.tokenizer
 
-    def encode(self, prompt, *, chat: bool = False, enable_thinking: bool = False) -> list[int]:
-        """Token ids of a prompt: text (one <bos> first), chat messages (the chat template), or ids as given."""
-        if isinstance(prompt, str):
+    def prepare(
+        self,
+        prompt,
+        *,
+        images: Sequence = (),
+        audio: Sequence = (),
+        image_tokens: int = image_lib.DEFAULT_BUDGET,
+        chat: bool = False,
+        enable_thinking: bool = False,
+    ) -> tuple[list[int], multimodal.SoftTokens | None]:
+        """A prompt as the decoder takes it: (token ids, soft tokens or None).
+
+        `prompt` is text (one <bos> first), chat messages (rendered with the chat template) or token ids. Images
+        (paths, PIL images, uint8 arrays, or `multimodal.Image`s) are resized to `image_tokens` soft tokens; audio
+        (paths, or `multimodal.Audio`s) is cut at 30 s. Messages may carry them as content parts instead
+        (`{"type": "image", "image": path}`, `{"type": "audio", "audio": path}`). With `chat`, text and media
+        become one user turn (media first); plain text without placeholders gets one per medium after <bos>."""
+        if isinstance(prompt, str) or (prompt and isinstance(next(iter(prompt)), dict)):
             tokenizer = self.require_tokenizer()
-            if chat:
-                return tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-            return tokenizer.encode(prompt, add_bos=True)
-        prompt = list(prompt)
-        if prompt and isinstance(prompt[0], dict):
-            return self.require_tokenizer().encode_chat(
-                prompt, add_generation_prompt=True, enable_thinking=enable_thinking
-            )
-        ids = [int(t) for t in prompt]
-        check_token_ids(self.config, ids)
-        return ids
+        messages = None
+        if isinstance(prompt, str) and chat:
+            parts = [{"type": "image"}] * len(images) + [{"type": "audio"}] * len(audio)
+            messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}] if parts else prompt}]
+        elif not isinstance(prompt, str) and prompt and isinstance(next(iter(prompt)), dict):
+            messages = list(prompt)
+            found = _media_parts(messages)
+            if found and (images or audio):
+                raise Gemma4Error("give media as content parts of the messages or as images=/audio=, not both")
+            images = [p.get("image", p.get("path")) for p in found if p["type"] == "image"] or images
+            audio = [p.get("audio", p.get("path")) for p in found if p["type"] == "audio"] or audio
+        media = [m if isinstance(m, multimodal.Image) else multimodal.load_image(m, image_tokens) for m in images]
+        media += [m if isinstance(m, multimodal.Audio) else multimodal.load_audio(m) for m in audio]
+        if messages is not None:
+            ids = tokenizer.encode_chat(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+        elif isinstance(prompt, str):
+            ids = tokenizer.encode(prompt, add_bos=True)
+            placeholders = {self.config.image_token_id, self.config.audio_token_id}
+            if media and not any(t in placeholders for t in ids):
+                kinds = [self.config.image_token_id if isinstance(m, multimodal.Image) else self.config.audio_token_id
+                         for m in media]  # fmt: skip
+                ids = [ids[0], *kinds, *ids[1:]]
+        else:
+            ids = [int(t) for t in prompt]
+            check_token_ids(self.config, ids)
+        placeholders = {self.config.image_token_id, self.config.audio_token_id} if self.config.multimodal else set()
+        if not media and not placeholders.intersection(ids):
+            return ids, None
+        ids = multimodal.expand(ids, media, self.config)  # counts placeholders against media
+        return ids, multimodal.embed(self.params, self.config, ids, media)
+
+    def encode(self, prompt, *, chat: bool = False, enable_thinking: bool = False) -> list[int]:
+        """Token ids of a text-only prompt (see `prepare`)."""
+        return self.prepare(prompt, chat=chat, enable_thinking=enable_thinking)[0]
 
     def sampler(self, sampling: SamplingConfig | None = None, stop_tokens=DEFAULT_STOP_TOKENS) -> Sampler:
         """A sampler over this model (greedy by default)."""
@@ -204,6 +243,9 @@ class Model:
         self,
         prompt: str | Sequence[int] | Sequence[dict],
         *,
+        images: Sequence = (),
+        audio: Sequence = (),
+        image_tokens: int = image_lib.DEFAULT_BUDGET,
         max_new_tokens: int = 32,
         sampling: SamplingConfig | None = None,
         chat: bool = False,
@@ -212,28 +254,51 @@ class Model:
         seed: int = 0,
         on_text: Callable[[str], None] | None = None,
     ) -> Completion:
-        """Continues a prompt (text, chat messages or token ids; `chat` wraps text in a user turn), greedily unless
-        `sampling` says otherwise. `on_text` receives the answer as it streams."""
-        ids = self.encode(prompt, chat=chat, enable_thinking=enable_thinking)
+        """Continues a prompt (text, chat messages or token ids; `chat` wraps text in a user turn; images and audio
+        as `prepare` takes them), greedily unless `sampling` says otherwise. `on_text` receives the answer as it
+        streams."""
+        ids, soft = self.prepare(
+            prompt, images=images, audio=audio, image_tokens=image_tokens, chat=chat, enable_thinking=enable_thinking
+        )
         sampler = self.sampler(sampling, stop_tokens)
         sampler.validate([ids], max_new_tokens)
         stream = TextStream(self.tokenizer, on_text) if on_text is not None and self.tokenizer else None
-        result = sampler.generate([ids], max_new_tokens, seed=seed, on_token=stream)
+        result = sampler.generate([ids], max_new_tokens, seed=seed, on_token=stream, soft=[soft])
         tokens = result.tokens[0]
         text = self.tokenizer.decode(tokens) if self.tokenizer is not None else None
         return Completion(text, tokens, result.finish_reasons[0], result)
 
-    def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Full-forward float32 logits [T, V] of one sequence (soft-capped)."""
-
-        ids = self.encode(tokens)
+    def logits(self, tokens: Sequence[int], soft: multimodal.SoftTokens | None = None) -> np.ndarray:
+        """Full-forward float32 logits [T, V] of one sequence (soft-capped); `soft` from `prepare`."""
+        ids = [int(t) for t in tokens]
+        check_token_ids(self.config, ids)
         if len(ids) > self.config.max_context:
             raise Gemma4Error(f"{len(ids)} tokens exceed the {self.config.max_context}-token context")
-        out, _ = _jitted_apply()(self.params, np.asarray([ids], np.int32), config=self.config)
+        extra = {}
+        if soft is not None:
+            embeddings, mask, blocks = multimodal.batch([soft], len(ids), _compute_dtype(self.params))
+            extra = {"soft_tokens": embeddings, "soft_mask": mask, "blocks": blocks}
+        out, _ = _jitted_apply()(self.params, np.asarray([ids], np.int32), config=self.config, **extra)
         values = np.asarray(out[0], np.float32)
         if not np.isfinite(values).all():
             raise Gemma4Error("the forward pass produced non-finite logits (are the weights damaged?)")
         return values
+
+
+def _media_parts(messages) -> list[dict]:
+    return [
+        part
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for part in m["content"]
+        if isinstance(part, dict)
+        and part.get("type") in ("image", "audio")
+        and (part.get(part["type"]) or part.get("path"))
+    ]
+
+
+def _compute_dtype(params):
+    return params["embedder"]["input_embedding"].dtype
 
 
 def _jitted_apply():
@@ -268,9 +333,10 @@ def read_params(
         else:
             # Read straight into the load dtype (a random source draws in it, as init_params does), in an aligned
             # buffer that the CPU backend adopts as the array's memory without a copy.
-            array = files.as_aligned(source.read(leaf, dtype), np_dtype(dtype))
-            if check_finite:
-                check_finite_array(array, leaf.name, source.description)
+            leaf_dtype = np_dtype(param_spec.leaf_dtype(leaf, dtype))
+            array = files.as_aligned(source.read(leaf, leaf_dtype), leaf_dtype)
+            if check_finite:  # clip bounds may be +-inf (no clipping) but never NaN
+                check_finite_array(array, leaf.name, source.description, allow_inf=leaf.init in ("inf", "-inf"))
             value = jax.device_put(array, may_alias=True)
             nbytes = value.nbytes
             del array
@@ -280,11 +346,12 @@ def read_params(
     return params
 
 
-def check_finite_array(array: np.ndarray, name: str, where: str) -> None:
-    """Raises when the tensor holds a NaN or Inf: checked in blocks of rows (small temporaries)."""
+def check_finite_array(array: np.ndarray, name: str, where: str, allow_inf: bool = False) -> None:
+    """Raises when the tensor holds a NaN or (unless `allow_inf`) an Inf: checked in blocks of rows."""
+    test = np.isnan if allow_inf else (lambda block: ~np.isfinite(block))
     rows = max(1, (1 << 24) // max(1, math.prod(array.shape[1:])))
     for start in range(0, max(1, array.shape[0] if array.ndim else 1), rows):
-        if not np.isfinite(array[start : start + rows] if array.ndim else array).all():
+        if test(array[start : start + rows] if array.ndim else array).any():
             raise Gemma4Error(f"{where}: tensor {name} has non-finite values (NaN or Inf); the checkpoint is damaged")
 
 
@@ -299,12 +366,14 @@ def load(
     tokenizer: str | None = None,
     default_dtype: str = "bfloat16",
     progress: bool = True,
+    text_only: bool = False,
 ) -> Model:
     """A model from `source`: a local orbax / HF / quantized directory, `kaggle:...`, `hf:...`, or None for random
     weights of `variant` (a preset) or `config` (an HF-style config.json path or a Gemma4Config; default: the tiny
     demo). `dtype` is the parameter/compute dtype (default `default_dtype`; float32 falls back to bfloat16 with a note
     when it does not fit but bfloat16 does). `ple` puts the PLE table on the "device", in "host" RAM or "mmap"s it
-    from an HF checkpoint. `tokenizer` overrides the checkpoint's tokenizer (a directory or file).
+    from an HF checkpoint. `tokenizer` overrides the checkpoint's tokenizer (a directory or file). `text_only` leaves
+    the vision and audio encoders out.
 
     Options that do not apply are refused: `ple`/`variant`/`config` for quantized checkpoints, `ple` other than
     "device" for models without PLE."""
@@ -314,13 +383,15 @@ def load(
     if isinstance(source, sources.WeightSource):
         if variant or config:
             raise Gemma4Error("variant / config apply when opening a checkpoint, not to an opened source")
-        src = source
+        src = source.drop_towers() if text_only else source
     elif isinstance(config, Gemma4Config):
         if source is not None:
             raise Gemma4Error("a Gemma4Config applies to random weights; for a checkpoint give a config.json path")
-        src: sources.WeightSource = sources.RandomSource(config, init_seed)
+        src: sources.WeightSource = sources.RandomSource(config.text_only() if text_only else config, init_seed)
     else:
-        src = sources.open_source(source, variant=variant, config_file=config_file, init_seed=init_seed)
+        src = sources.open_source(
+            source, variant=variant, config_file=config_file, init_seed=init_seed, text_only=text_only
+        )
     if isinstance(src, _quantized_source_type()) and ple != "device":
         raise Gemma4Error("--ple host/mmap applies to float checkpoints (a quantized one keeps its PLE table packed)")
     if ple != "device" and not src.config.per_layer_input_dim:

@@ -32,6 +32,11 @@ def _source_args(p: argparse.ArgumentParser, *, dtype: str | None, ple: bool, ra
         help=forced + ("; without: random weights of a preset (e2b, e4b, 31b, 26b_a4b, tiny, ...)" if random else ""),
     )
     p.add_argument("--config", help="HF-style config.json for sizes other than the presets (with/without --checkpoint)")
+    p.add_argument(
+        "--text-only",
+        action="store_true",
+        help="the text decoder alone: leave the vision and audio encoders out (unread)",
+    )
     if dtype is not None:
         p.add_argument("--dtype", help=f"parameter/compute dtype: bfloat16 (bf16) or float32 (f32); default {dtype}")
     if random:
@@ -62,7 +67,11 @@ def _open(args, random: bool = True):
     if not args.checkpoint and not random:
         raise Gemma4Error("give --checkpoint (this command needs real weights)")
     return sources.open_source(
-        args.checkpoint, variant=args.variant, config_file=args.config, init_seed=_random_seed(args)
+        args.checkpoint,
+        variant=args.variant,
+        config_file=args.config,
+        init_seed=_random_seed(args),
+        text_only=args.text_only,
     )
 
 
@@ -78,6 +87,27 @@ def _load(args, default_dtype: str, tokenizer: str | None = None):
         init_seed=_random_seed(args),
         tokenizer=tokenizer,
         default_dtype=default_dtype,
+        text_only=args.text_only,
+    )
+
+
+def _media_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image (PNG, JPEG, ...; repeatable). A text prompt without <|image|> placeholders gets one per "
+        "image first; --prompt-ids must hold the placeholder ids",
+    )
+    p.add_argument(
+        "--image-tokens",
+        type=int,
+        default=280,
+        help="soft tokens per image: 70, 140, 280 (default), 560 or 1120",
+    )
+    p.add_argument(
+        "--audio", action="append", default=[], metavar="PATH", help="an audio file (WAV, FLAC, OGG, MP3; repeatable)"
     )
 
 
@@ -145,9 +175,11 @@ def cmd_generate(args) -> int:
             f"(PLE, sliding window {model.config.sliding_window} + global layers, KV sharing, p-RoPE, soft-cap).\n"
             "Real weights: gemma4-jax generate --checkpoint DIR (an HF directory with config.json + *.safetensors)."
         )
-    ids = model.encode(prompt, chat=args.chat)
-    _print(f"model: {model.source}; prompt: {len(ids)} tokens; sampling: {sampling}")
-    as_text = isinstance(prompt, str)
+    ids, soft = model.prepare(
+        prompt, images=args.image, audio=args.audio, image_tokens=args.image_tokens, chat=args.chat
+    )
+    media = f" ({len(args.image)} image(s), {len(args.audio)} audio clip(s))" if args.image or args.audio else ""
+    _print(f"model: {model.source}; prompt: {len(ids)} tokens{media}; sampling: {sampling}")
 
     def write(text):
         print(text, end="", flush=True)
@@ -155,15 +187,12 @@ def cmd_generate(args) -> int:
     def print_id(row, token):
         print(token, end=" ", flush=True)
 
-    if as_text:
-        result = model.generate(
-            ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=stop, seed=args.seed, on_text=write
-        )
-        generation = result.generation
-    else:
-        sampler = model.sampler(sampling, stop)
-        sampler.validate([ids], args.max_new_tokens)
-        generation = sampler.generate([ids], args.max_new_tokens, seed=args.seed, on_token=print_id)
+    from gemma4_jax.api import TextStream
+
+    sampler = model.sampler(sampling, stop)
+    sampler.validate([ids], args.max_new_tokens)
+    on_token = TextStream(model.tokenizer, write) if isinstance(prompt, str) else print_id
+    generation = sampler.generate([ids], args.max_new_tokens, seed=args.seed, on_token=on_token, soft=[soft])
     print()
     rate = generation.decode_steps / generation.decode_seconds if generation.decode_steps else float("nan")
     _print(
@@ -188,7 +217,9 @@ def _read_line(prompt: str) -> str | None:
 
 def cmd_chat(args) -> int:
     """A multi-turn terminal chat: each turn re-renders the conversation with the chat template and streams the
-    answer. Commands: /reset, /quit (or end of input)."""
+    answer. Commands: /image PATH and /audio PATH attach media to your next message, /reset, /quit (or end of
+    input)."""
+    from gemma4_jax import multimodal
     from gemma4_jax.errors import Gemma4Error
 
     sampling = _sampling(args)
@@ -196,7 +227,9 @@ def cmd_chat(args) -> int:
     model = _load(args, "bfloat16", args.tokenizer)
     model.require_tokenizer()
     messages = list(system)
-    print(f"model: {model.source}. Type a message; /reset starts over, /quit or Ctrl-D ends.", file=sys.stderr)
+    attached: list[dict] = []  # content parts for the next user message
+    media = " /image PATH, /audio PATH attach media;" if model.config.multimodal else ""
+    print(f"model: {model.source}. Type a message;{media} /reset starts over, /quit or Ctrl-D ends.", file=sys.stderr)
     turn = 0
     while True:
         try:
@@ -207,18 +240,34 @@ def cmd_chat(args) -> int:
         if line is None:
             print(file=sys.stderr)
             return 0
-        if line.strip() == "/quit":
+        command, _, argument = line.strip().partition(" ")
+        if command == "/quit":
             return 0
-        if line.strip() == "/reset":
-            messages = list(system)
+        if command == "/reset":
+            messages, attached = list(system), []
+            continue
+        if command in ("/image", "/audio"):
+            kind = command[1:]
+            try:  # read now, so a bad file is reported before the message is typed
+                if kind == "image":
+                    multimodal.check_support(model.config, [multimodal.load_image(argument, args.image_tokens)])
+                else:
+                    multimodal.check_support(model.config, [multimodal.load_audio(argument)])
+            except Gemma4Error as e:
+                print(f"gemma4-jax: {e}", file=sys.stderr)
+                continue
+            attached.append({"type": kind, kind: argument})
+            print(f"({kind} attached to your next message)", file=sys.stderr)
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
+        content = [*attached, {"type": "text", "text": line}] if attached else line
+        messages.append({"role": "user", "content": content})
         print("model> ", end="", flush=True)
         try:
             result = model.generate(
                 messages,
+                image_tokens=args.image_tokens,
                 max_new_tokens=args.max_new_tokens,
                 sampling=sampling,
                 enable_thinking=args.thinking,
@@ -229,6 +278,7 @@ def cmd_chat(args) -> int:
             messages.pop()
             print(f"\ngemma4-jax: {e} (/reset to start over)", file=sys.stderr)
             continue
+        attached = []
         print()
         messages.append({"role": "assistant", "content": model.tokenizer.decode(result.tokens, skip_special=True)})
         turn += 1
@@ -267,6 +317,7 @@ def cmd_info(args) -> int:
     total = sum(math.prod(leaf.shape) for leaf in spec)
     unused = sum(math.prod(leaf.shape) for leaf in spec if leaf.unused)
     ple = sum(math.prod(leaf.shape) for leaf in spec if leaf.quant == param_spec.PLE_TABLE)
+    towers = {part: sum(math.prod(leaf.shape) for leaf in spec if leaf.part == part) for part in ("vision", "audio")}
     info = {
         "variant": cfg.name,
         "layers": f"{cfg.num_layers} ({cfg.layer_string})",
@@ -285,6 +336,9 @@ def cmd_info(args) -> int:
         "params (official tree)": f"{total:,}",
         "params without unused reader K/V": f"{total - unused:,}",
         "params without PLE table": f"{total - unused - ple:,}",
+        "vision encoder + projection": f"{towers['vision']:,}" if towers["vision"] else "none",
+        "audio encoder + projection": f"{towers['audio']:,}" if towers["audio"] else "none",
+        "text decoder (HF tree)": f"{total - unused - sum(towers.values()):,}",
         "kv cache bf16 @4096 (W-capped)": f"{model.cache_bytes(cfg, 4096) / 2**20:.1f} MiB",
     }
     if args.json:
@@ -498,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap --prompt in a user turn of the chat template")
     g.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json or its directory (default: the checkpoint)")
     g.add_argument("--max-new-tokens", type=int, default=32)
+    _media_args(g)
     _sampling_args(g)
     g.add_argument("--stop", default=None, help="stop token ids (default 1,106,50; empty string: none)")
     g.set_defaults(func=cmd_generate)
@@ -508,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", help="system prompt")
     c.add_argument("--thinking", action="store_true", help="enable thinking (<|think|> in the system turn)")
     c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--image-tokens", type=int, default=280, help="soft tokens per image: 70, 140, 280, 560, 1120")
     _sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
@@ -559,11 +615,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("nested", "flat"),
         default="nested",
         help="orbax output layout: nested = the Flax param tree (default), flat = transformer/... keys",
-    )
-    cv.add_argument(
-        "--text-only",
-        action="store_true",
-        help="convert only the text decoder when the source also has vision/audio encoder weights",
     )
     cv.set_defaults(func=cmd_convert)
 

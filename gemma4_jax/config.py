@@ -27,6 +27,308 @@ def repeat_pattern(pattern: Sequence[str], num_layers: int) -> tuple[str, ...]:
     return tuple(pattern[i % len(pattern)] for i in range(num_layers))
 
 
+# ----- the towers -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Architecture of one Gemma 4 vision encoder (spec §4.1).
+
+    Attention is multi-head (as many K/V heads as query heads) with head dim `width // num_heads`, as in the
+    official module (`key_size = d_model // num_heads`).
+    """
+
+    name: str = dataclasses.field(compare=False)  # which preset it came from; not part of the architecture
+    width: int  # d_v
+    num_layers: int
+    num_heads: int
+    ffw_hidden: int
+    patch_size: int = 16
+    position_table_size: int = 10_240  # rows of each of the x and y position tables
+    pooling_kernel: int = 3  # soft token = average of a kernel x kernel block of patches
+    clipped_linears: bool = False  # E2B/E4B: every linear clamps its input and output
+    standardize: bool = False  # 31B/26B-A4B: (x - bias) * scale after pooling
+    rope_base: float = 100.0
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        problems = []
+        if self.width % self.num_heads:
+            problems.append("width must be a multiple of num_heads")
+        elif self.head_dim % 4:
+            problems.append("head_dim must be a multiple of 4 (2-D RoPE rotates two half-split halves)")
+        if self.pooling_kernel != 3:
+            problems.append("pooling_kernel must be 3 (spec §6 #13)")
+        if min(self.num_layers, self.ffw_hidden, self.patch_size, self.position_table_size) < 1:
+            problems.append("num_layers, ffw_hidden, patch_size and position_table_size must be >= 1")
+        if problems:
+            raise Gemma4Error(f"invalid vision config {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def patch_values(self) -> int:
+        return self.patch_size * self.patch_size * 3
+
+    @property
+    def exit_scale(self) -> float:
+        """The pooled soft tokens are multiplied by sqrt(width) (27.7128 / 33.9411)."""
+        return math.sqrt(self.width)
+
+    def replace(self, **changes) -> VisionConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ----- HF `Gemma4VisionConfig` interchange ---------------------------------------------------------
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The fields of transformers' `Gemma4VisionConfig` (the `vision_config` of a Gemma 4 config.json)."""
+        return {
+            "model_type": "gemma4_vision",
+            "hidden_size": self.width,
+            "intermediate_size": self.ffw_hidden,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rms_norm_eps": self.rms_norm_eps,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_base},
+            "pooling_kernel_size": self.pooling_kernel,
+            "patch_size": self.patch_size,
+            "position_embedding_size": self.position_table_size,
+            "use_clipped_linears": self.clipped_linears,
+            "standardize": self.standardize,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], name: str = "hf") -> VisionConfig:
+        """Reads a `Gemma4VisionConfig` dict (or a whole Gemma 4 config.json with a `vision_config`)."""
+        if "vision_config" in d:
+            if not isinstance(d["vision_config"], Mapping):
+                raise Gemma4Error("config.json has no vision_config (a text-only model)")
+            d = d["vision_config"]
+        if d.get("model_type", "gemma4_vision") != "gemma4_vision":
+            raise Gemma4Error(f"vision_config describes a {d['model_type']!r} model, not a Gemma 4 vision encoder")
+        try:
+            width, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+            unsupported = {
+                "hidden_activation": ("gelu_pytorch_tanh", d.get("hidden_activation", "gelu_pytorch_tanh")),
+                "attention_bias": (False, bool(d.get("attention_bias") or False)),
+                "num_key_value_heads": (heads, int(d.get("num_key_value_heads", heads))),
+                "head_dim": (width // heads, int(d.get("head_dim") or width // heads)),
+                "rope_type": ("axial", (d.get("rope_parameters") or {}).get("rope_type", "axial")),
+            }
+            for key, (want, got) in unsupported.items():
+                if got != want:
+                    raise Gemma4Error(f"vision_config: {key}={got!r} is not supported (Gemma 4 uses {want!r})")
+            return cls(
+                name=name,
+                width=width,
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=heads,
+                ffw_hidden=int(d["intermediate_size"]),
+                patch_size=int(d.get("patch_size", 16)),
+                position_table_size=int(d.get("position_embedding_size", 10_240)),
+                pooling_kernel=int(d.get("pooling_kernel_size") or 3),
+                clipped_linears=bool(d.get("use_clipped_linears", False)),
+                standardize=bool(d.get("standardize", False)),
+                rope_base=float((d.get("rope_parameters") or {}).get("rope_theta", 100.0)),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            )
+        except KeyError as e:
+            raise Gemma4Error(f"vision_config is missing the field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise Gemma4Error(f"vision_config has an invalid value: {e}") from None
+
+
+# ----- presets (spec §4.1) ---------------------------------------------------------------------------------
+
+E2B_VISION = VisionConfig(name="e2b", width=768, num_layers=16, num_heads=12, ffw_hidden=3072, clipped_linears=True)
+E4B_VISION = E2B_VISION.replace(name="e4b")
+G31B_VISION = VisionConfig(name="31b", width=1152, num_layers=27, num_heads=16, ffw_hidden=4304, standardize=True)
+G26B_A4B_VISION = G31B_VISION.replace(name="26b_a4b")
+# Toy encoders with the features of each family; head dims 16 and 24 keep 4 and 6 RoPE frequencies per axis.
+TINY_VISION = VisionConfig(name="tiny", width=32, num_layers=2, num_heads=2, ffw_hidden=64, clipped_linears=True)
+TINY_VISION_STD = VisionConfig(name="tiny_std", width=48, num_layers=3, num_heads=2, ffw_hidden=80, standardize=True)
+
+VISION_PRESETS: dict[str, VisionConfig] = {
+    c.name: c for c in (E2B_VISION, E4B_VISION, G31B_VISION, G26B_A4B_VISION, TINY_VISION, TINY_VISION_STD)
+}
+
+
+def get_vision_config(name: str) -> VisionConfig:
+    key = name.lower().replace("-", "_")
+    if key not in VISION_PRESETS:
+        raise Gemma4Error(f"unknown vision variant {name!r}; choose one of: {', '.join(VISION_PRESETS)}")
+    return VISION_PRESETS[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioConfig:
+    """Architecture of the audio tower. Field defaults are transformers' `Gemma4AudioConfig` defaults (= E2B/E4B).
+
+    `num_mel_bins` is the front end's 128; the sub-sampling reduces it 4x (to 32). The projection into the text
+    width D (`embedder/audio_input_projection`) is sized by the enclosing `Gemma4Config`.
+    """
+
+    name: str = dataclasses.field(compare=False)
+    hidden_size: int = 1024
+    num_layers: int = 12
+    num_heads: int = 8
+    subsampling_channels: tuple[int, int] = (128, 32)
+    conv_kernel_size: int = 5
+    residual_weight: float = 0.5  # weight of each half-step FFN
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13
+    attention_context_right: int = 0
+    attention_logit_cap: float = 50.0
+    attention_invalid_logit: float = -1e9
+    use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10
+    output_dim: int = 1536
+    num_mel_bins: int = 128
+
+    def __post_init__(self):
+        problems = []
+        if self.hidden_size % self.num_heads:
+            problems.append("hidden_size must be a multiple of num_heads")
+        if self.hidden_size % 2:
+            problems.append("hidden_size must be even (sin|cos relative-position signal)")
+        if len(self.subsampling_channels) != 2 or min(self.subsampling_channels) < 1:
+            problems.append("subsampling_channels must be two positive channel counts")
+        if self.attention_chunk_size < 1 or self.attention_context_left < 1 or self.attention_context_right < 0:
+            problems.append("attention chunk >= 1, context_left >= 1, context_right >= 0")
+        if min(self.num_layers, self.conv_kernel_size, self.output_dim, self.num_mel_bins) < 1:
+            problems.append("sizes must be positive")
+        if problems:
+            raise Gemma4Error(f"invalid audio config {self.name!r}: " + "; ".join(problems))
+        object.__setattr__(self, "subsampling_channels", tuple(self.subsampling_channels))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffw_hidden(self) -> int:
+        return 4 * self.hidden_size
+
+    @property
+    def subsampled_mel_bins(self) -> int:
+        """Frequency rows left after the two stride-2 convolutions (128 -> 64 -> 32)."""
+        f = self.num_mel_bins
+        for _ in range(2):
+            f = (f - 1) // 2 + 1
+        return f
+
+    @property
+    def max_past(self) -> int:
+        return self.attention_context_left - 1
+
+    @property
+    def max_future(self) -> int:
+        return self.attention_context_right
+
+    @property
+    def context_size(self) -> int:
+        """Keys gathered per block of queries (HF's `context_size`): chunk + max_past + max_future = 24."""
+        return self.attention_chunk_size + self.max_past + self.max_future
+
+    @property
+    def num_relative_positions(self) -> int:
+        """Sinusoids of the relative-position term: HF uses `context_size // 2 + 1` (= 13, distances 12..0)."""
+        return self.context_size // 2 + 1
+
+    def replace(self, **changes) -> AudioConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The fields of transformers' `Gemma4AudioConfig` (HF `config.json` -> `audio_config`)."""
+        c0, c1 = self.subsampling_channels
+        if (c0 // 4) * c1 != self.subsampled_mel_bins * c1:
+            # HF sizes `input_proj_linear` as (channels[0] // 4) * channels[1], i.e. assumes 128 channels <-> 128 bins.
+            raise Gemma4Error(
+                f"audio config {self.name!r} cannot be expressed for transformers: it needs "
+                f"subsampling_channels[0] // 4 == {self.subsampled_mel_bins} (the sub-sampled mel bins)"
+            )
+        return {
+            "model_type": "gemma4_audio",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "hidden_act": "silu",
+            "subsampling_conv_channels": list(self.subsampling_channels),
+            "conv_kernel_size": self.conv_kernel_size,
+            "residual_weight": self.residual_weight,
+            "attention_chunk_size": self.attention_chunk_size,
+            "attention_context_left": self.attention_context_left,
+            "attention_context_right": self.attention_context_right,
+            "attention_logit_cap": self.attention_logit_cap,
+            "attention_invalid_logits_value": self.attention_invalid_logit,
+            "use_clipped_linears": self.use_clipped_linears,
+            "rms_norm_eps": self.rms_norm_eps,
+            "gradient_clipping": self.gradient_clipping,
+            "output_proj_dims": self.output_dim,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], name: str = "hf") -> AudioConfig:
+        """From an HF `audio_config` dict (absent keys take HF's defaults, as `config.json` omits them)."""
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise Gemma4Error(f"audio config {name!r}: hidden_act {act!r} is not supported (Gemma 4 uses silu)")
+        default = cls(name)
+        return cls(
+            name=name,
+            hidden_size=d.get("hidden_size", default.hidden_size),
+            num_layers=d.get("num_hidden_layers", default.num_layers),
+            num_heads=d.get("num_attention_heads", default.num_heads),
+            subsampling_channels=tuple(d.get("subsampling_conv_channels", default.subsampling_channels)),
+            conv_kernel_size=d.get("conv_kernel_size", default.conv_kernel_size),
+            residual_weight=d.get("residual_weight", default.residual_weight),
+            attention_chunk_size=d.get("attention_chunk_size", default.attention_chunk_size),
+            attention_context_left=d.get("attention_context_left", default.attention_context_left),
+            attention_context_right=d.get("attention_context_right", default.attention_context_right),
+            attention_logit_cap=d.get("attention_logit_cap", default.attention_logit_cap),
+            attention_invalid_logit=d.get("attention_invalid_logits_value", default.attention_invalid_logit),
+            use_clipped_linears=d.get("use_clipped_linears", default.use_clipped_linears),
+            rms_norm_eps=d.get("rms_norm_eps", default.rms_norm_eps),
+            gradient_clipping=d.get("gradient_clipping", default.gradient_clipping),
+            output_dim=d.get("output_proj_dims", default.output_dim),
+        )
+
+
+AUDIO_CONFIGS: dict[str, AudioConfig] = {
+    # spec §4.2: the same 304.8 M-parameter encoder; only the projection into the text width differs
+    "e2b": AudioConfig("e2b"),
+    "e4b": AudioConfig("e4b"),
+    # Tests: the full-size attention geometry (chunk 12, 12 keys) on a narrow, 2-layer tower. The first
+    # sub-sampling width stays 128 because transformers sizes `input_proj_linear` from it.
+    "tiny": AudioConfig(
+        "tiny",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        subsampling_channels=(128, 8),
+        output_dim=48,
+    ),
+}
+
+
+def get_audio_config(name: str) -> AudioConfig:
+    try:
+        return AUDIO_CONFIGS[name]
+    except KeyError:
+        raise Gemma4Error(f"unknown audio config {name!r}; known: {', '.join(AUDIO_CONFIGS)}") from None
+
+
+# ----- the model ---------------------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
 class Gemma4Config:
     """Architecture of one Gemma 4 text decoder.
@@ -67,6 +369,15 @@ class Gemma4Config:
     bos_id: int = 2
     eos_id: int = 1
     pad_id: int = 0
+    # The encoders (None: a text-only model) and the tokens that frame their soft tokens in a prompt (spec §4.3).
+    vision: VisionConfig | None = None
+    audio: AudioConfig | None = None
+    image_token_id: int = 258_880
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
+    audio_token_id: int = 258_881
+    boa_token_id: int = 256_000
+    eoa_token_id: int = 258_883
 
     def __post_init__(self):
         problems = []
@@ -163,9 +474,39 @@ class Gemma4Config:
     def replace(self, **changes) -> Gemma4Config:
         return dataclasses.replace(self, **changes)
 
+    def text_only(self) -> Gemma4Config:
+        """The same model without its encoders."""
+        return dataclasses.replace(self, vision=None, audio=None)
+
+    @property
+    def multimodal(self) -> bool:
+        return self.vision is not None or self.audio is not None
+
     # ----- HF config.json interchange -----------------------------------------------------------------
 
     def to_hf_dict(self) -> dict[str, Any]:
+        """An HF `config.json`: `Gemma4ForCausalLM`'s for a text-only model, else `Gemma4ForConditionalGeneration`'s
+        (the text fields under `text_config`, the encoders' under `vision_config` / `audio_config`)."""
+        text = self._text_hf_dict()
+        if not self.multimodal:
+            return text
+        text = {k: v for k, v in text.items() if k != "architectures"} | {"model_type": "gemma4_text"}
+        return {
+            "architectures": ["Gemma4ForConditionalGeneration"],
+            "model_type": "gemma4",
+            "text_config": text,
+            "vision_config": self.vision.to_hf_dict() if self.vision else None,
+            "audio_config": self.audio.to_hf_dict() if self.audio else None,
+            "image_token_id": self.image_token_id,
+            "boi_token_id": self.boi_token_id,
+            "eoi_token_id": self.eoi_token_id,
+            "audio_token_id": self.audio_token_id,
+            "boa_token_id": self.boa_token_id,
+            "eoa_token_index": self.eoa_token_id,
+            "tie_word_embeddings": True,
+        }
+
+    def _text_hf_dict(self) -> dict[str, Any]:
         """The `Gemma4TextConfig` fields (as in an HF `config.json` for `Gemma4ForCausalLM`)."""
         d: dict[str, Any] = {
             "architectures": ["Gemma4ForCausalLM"],
@@ -216,10 +557,19 @@ class Gemma4Config:
         """Reads an HF Gemma 4 `config.json` (text-only, or the `text_config` of a multimodal one)."""
         if not isinstance(d, Mapping):
             raise Gemma4Error(f"config.json must be a JSON object, got a {type(d).__name__}")
+        towers: dict[str, Any] = {}
         if "text_config" in d and isinstance(d["text_config"], Mapping):
+            if isinstance(d.get("vision_config"), Mapping):
+                towers["vision"] = VisionConfig.from_hf_dict(d["vision_config"], name=name)
+            if isinstance(d.get("audio_config"), Mapping):
+                towers["audio"] = AudioConfig.from_hf_dict(d["audio_config"], name=name)
+            ids = (("image_token_id", "image_token_id"), ("boi_token_id", "boi_token_id"))
+            ids += (("eoi_token_id", "eoi_token_id"), ("audio_token_id", "audio_token_id"))
+            ids += (("boa_token_id", "boa_token_id"), ("eoa_token_id", "eoa_token_index"))
+            towers |= {ours: int(d[theirs]) for ours, theirs in ids if isinstance(d.get(theirs), int)}
             d = d["text_config"]
         try:
-            return cls._from_hf_text_dict(d, name)
+            return cls._from_hf_text_dict(d, name).replace(**towers)
         except KeyError as e:
             raise Gemma4Error(f"config.json is missing the field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -340,6 +690,8 @@ E2B = Gemma4Config(
     num_kv_shared_layers=20,
     per_layer_input_dim=256,
     max_context=131_072,
+    vision=E2B_VISION,
+    audio=AUDIO_CONFIGS["e2b"],
 )
 
 E4B = Gemma4Config(
@@ -354,6 +706,8 @@ E4B = Gemma4Config(
     num_kv_shared_layers=18,
     per_layer_input_dim=256,
     max_context=131_072,
+    vision=E4B_VISION,
+    audio=AUDIO_CONFIGS["e4b"],
 )
 
 G31B = Gemma4Config(
@@ -369,6 +723,7 @@ G31B = Gemma4Config(
     sliding_window=1024,
     max_context=262_144,
     vision_bidirectional=True,
+    vision=G31B_VISION,
 )
 
 G26B_A4B = Gemma4Config(
@@ -387,6 +742,7 @@ G26B_A4B = Gemma4Config(
     sliding_window=1024,
     max_context=262_144,
     vision_bidirectional=True,
+    vision=G26B_A4B_VISION,
 )
 
 # Toy presets: every feature of the full-size variant switched on, at sizes that run in milliseconds.
@@ -433,7 +789,20 @@ TINY_MOE = TINY_KEQV.replace(
     expert_hidden=24,
 )
 
-PRESETS: dict[str, Gemma4Config] = {c.name: c for c in (E2B, E4B, G31B, G26B_A4B, TINY_E2B, TINY_KEQV, TINY_MOE)}
+# Multimodal toys. The tiny vocabulary has the image/audio tokens in low slots (tests/tokenizer_fixture.py).
+_TINY_MM_TOKENS = dict(
+    boi_token_id=60, boa_token_id=61, image_token_id=62, audio_token_id=63, eoi_token_id=64, eoa_token_id=65
+)
+# E2B-style: PLE, KV sharing, a clipped vision encoder and the audio tower; images attend causally.
+TINY_MM = TINY_E2B.replace(name="tiny_mm", vision=TINY_VISION, audio=AUDIO_CONFIGS["tiny"], **_TINY_MM_TOKENS)
+# 31B-style: K=V global layers, a standardizing vision encoder, images bidirectional on local layers, no audio.
+TINY_MM_BIDI = TINY_KEQV.replace(
+    name="tiny_mm_bidi", vision=TINY_VISION_STD, vision_bidirectional=True, **_TINY_MM_TOKENS
+)
+
+PRESETS: dict[str, Gemma4Config] = {
+    c.name: c for c in (E2B, E4B, G31B, G26B_A4B, TINY_E2B, TINY_KEQV, TINY_MOE, TINY_MM, TINY_MM_BIDI)
+}
 OFFICIAL_VARIANTS = ("e2b", "e4b", "31b", "26b_a4b")
 
 

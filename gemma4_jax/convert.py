@@ -32,11 +32,11 @@ def convert(source: sources.WeightSource, out: str, to: str, *, layout: str = "n
         raise Gemma4Error("--layout applies to --to orbax")
     if isinstance(source, QuantizedSource | sources.RandomSource):
         raise Gemma4Error(f"convert copies stored weights losslessly; {source.description} has none to copy")
-    if source.other and not text_only:
+    if source.other and not text_only:  # a lossless copy may not drop what it cannot map
         more = f" (and {len(source.other) - 1} more)" if len(source.other) > 1 else ""
         raise Gemma4Error(
-            f"{source.description} has weights outside the text decoder ({source.other[0]}{more}), which convert "
-            "does not map yet; pass --text-only to convert the text decoder alone"
+            f"{source.description} has tensors outside the parameter spec ({source.other[0]}{more}), which convert "
+            "cannot map; pass --text-only to convert the text decoder alone"
         )
     out = files.check_output(out, directory=True)
     stored = {leaf.path: source.dtype(leaf) for leaf in source.leaves() if source.has(leaf)}

@@ -1,8 +1,8 @@
 """`gemma4-jax memory`: how many bytes a variant needs on the device and on the host (spec §7.1, §7.2).
 
 Weights are split by part (PLE table, token embedding, decoder, vision, audio) and priced per quantization
-format; the KV cache is the W-capped cache `model.init_cache` allocates. Text-model parameter counts come from
-the real parameter tree (`model.param_shapes`), counted as the HF tree does: without the K/V weights of
+format (the encoders in float32, as the library runs them); the KV cache is the W-capped cache `model.init_cache`
+allocates. Parameter counts come from the parameter spec, counted as the HF tree does: without the K/V weights of
 KV-shared reader layers, which the official JAX tree carries but no layer reads (spec §6 #17).
 """
 
@@ -23,14 +23,10 @@ QUANT_BYTES_PER_WEIGHT = {"bf16": Fraction(2), "sfp8": Fraction(1), "int8": Frac
 
 PLE_PLACES = {"device": "device", "host": "host RAM", "mmap": "disk (mmap)"}
 
-# The vision and audio encoders are not implemented yet, so their sizes are the spec's constants (§7.1 counts,
-# widths from §4.1 / §4.2) until they land; the projections into the text width D are computed from D.
-SPEC_VISION_ENCODER_PARAMS = {"e2b": 167_364_928, "e4b": 167_364_928, "31b": 569_550_384, "26b_a4b": 569_550_384}
-SPEC_VISION_WIDTH = {"e2b": 768, "e4b": 768, "31b": 1152, "26b_a4b": 1152}  # mm_input_projection [d_v, D]
-SPEC_AUDIO_ENCODER_PARAMS = {"e2b": 304_825_088, "e4b": 304_825_088, "31b": 0, "26b_a4b": 0}
-SPEC_AUDIO_WIDTH = 1536  # audio_input_projection [1536, D]
-
-VARIANTS = tuple(SPEC_VISION_ENCODER_PARAMS)
+VARIANTS = ("e2b", "e4b", "31b", "26b_a4b")
+# The encoders run in float32 whatever the text weights are stored in (`param_spec.leaf_dtype`); they are never
+# quantized.
+TOWER_BYTES_PER_WEIGHT = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,27 +62,24 @@ class Plan:
 
 
 @functools.cache
-def text_param_split(variant: str) -> dict[str, int]:
-    """Text-model parameter counts by part, from the real parameter tree (no allocation)."""
-    from gemma4_jax import config, model
+def param_split(variant: str) -> dict[str, int]:
+    """Parameter counts by part, from the parameter spec (no allocation)."""
+    from gemma4_jax import config, param_spec
 
-    cfg = config.get_config(variant)
-    shapes = model.param_shapes(cfg)
-    embedder = shapes["embedder"]
-    reader_kv = sum(
-        model.count_params(shapes[f"layer_{i}"]["attn"].get(name, {}))
-        for i in range(cfg.num_layers)
-        if cfg.is_kv_reader(i)
-        for name in ("kv_einsum", "k_einsum", "key_norm")
-    )
-    ple = model.count_params(embedder.get("per_layer_embeddings", {}))
-    token = model.count_params(embedder["input_embedding"])
-    return {
-        "ple_table": ple,
-        "token_embedding": token,
-        "decoder": model.count_params(shapes) - ple - token - reader_kv,
-        "reader_kv": reader_kv,
-    }
+    split = dict.fromkeys(("ple_table", "token_embedding", "decoder", "reader_kv", "vision", "audio"), 0)
+    for leaf in param_spec.param_spec(config.get_config(variant)):
+        n = math.prod(leaf.shape)
+        if leaf.part != "text":
+            split[leaf.part] += n
+        elif leaf.unused:
+            split["reader_kv"] += n
+        elif leaf.quant == param_spec.PLE_TABLE:
+            split["ple_table"] += n
+        elif leaf.quant == param_spec.EMBEDDING:
+            split["token_embedding"] += n
+        else:
+            split["decoder"] += n
+    return split
 
 
 def weight_bytes(params: int, quant: str) -> int:
@@ -120,25 +113,25 @@ def plan(
     if ple != "device" and not cfg.per_layer_input_dim:
         raise Gemma4Error(f"memory: --ple {ple}: {variant} has no Per-Layer Embeddings table")
 
-    text = text_param_split(variant)
+    split = param_split(variant)
     counts = [
-        ("PLE table", text["ple_table"], PLE_PLACES[ple], "V·L·P, one row per token"),
-        ("token embedding", text["token_embedding"], "device", "V·D, also the tied LM head"),
+        ("PLE table", split["ple_table"], PLE_PLACES[ple], "V·L·P, one row per token"),
+        ("token embedding", split["token_embedding"], "device", "V·D, also the tied LM head"),
         (
             "decoder",
-            text["decoder"],
+            split["decoder"],
             "device",
             "layers + final norm" + (" + PLE projections" if cfg.per_layer_input_dim else ""),
         ),
     ]
-    if not text_only:
-        d = cfg.embed_dim
-        vision = SPEC_VISION_ENCODER_PARAMS[variant] + SPEC_VISION_WIDTH[variant] * d
-        counts.append(("vision", vision, "device", "spec §7.1 constant: encoder + projection"))
-        if SPEC_AUDIO_ENCODER_PARAMS[variant]:
-            audio = SPEC_AUDIO_ENCODER_PARAMS[variant] + SPEC_AUDIO_WIDTH * d
-            counts.append(("audio", audio, "device", "spec §7.1 constant: encoder + projection"))
     parts = [Part(name, n, weight_bytes(n, quant), place, note) for name, n, place, note in counts if n]
+    if not text_only:
+        towers = (("vision", "ViT encoder + projection into D"), ("audio", "Conformer encoder + projection into D"))
+        parts += [
+            Part(name, split[name], split[name] * TOWER_BYTES_PER_WEIGHT, "device", note + ", float32")
+            for name, note in towers
+            if split[name]
+        ]
 
     lengths = model.cache_lengths(cfg, context)
     kv = model.cache_bytes(cfg, context, batch)
@@ -158,7 +151,7 @@ def plan(
         sum(p.params for p in parts if p.params is not None),
         sum(p.bytes for p in parts if p.params is not None),
         kv_uncapped,
-        text["reader_kv"],
+        split["reader_kv"],
     )
 
 

@@ -110,12 +110,20 @@ def attention_mask(
     sliding_window: int | None,
     query_segments: Array | None = None,
     key_segments: Array | None = None,
+    query_blocks: Array | None = None,
+    key_blocks: Array | None = None,
 ) -> Array:
     """[B, T, S] bool: key is real, not in the future, (local layers) within the last W positions, and (packed
-    training sequences) in the query's segment."""
+    training sequences) in the query's segment. Keys in the query's bidirectional block (`*_blocks` >= 0: one
+    image's soft tokens on 31B / 26B-A4B local layers, spec §1.7) are visible in either direction, still within
+    the window as transformers applies it (keys after p_q - W)."""
     q = query_positions[:, :, None]
     k = key_positions[:, None, :]
-    mask = (k >= 0) & (k <= q)
+    visible = k <= q
+    if query_blocks is not None:
+        qb, kb = query_blocks[:, :, None], key_blocks[:, None, :]
+        visible |= (qb >= 0) & (qb == kb)
+    mask = (k >= 0) & visible
     if sliding_window is not None:
         mask &= q - k < sliding_window
     if query_segments is not None:
@@ -137,6 +145,7 @@ class KVContext(NamedTuple):
     cached_v: Array | None = None
     cached_positions: Array | None = None  # [B, S]
     segments: Array | None = None  # [B, T] packed-sequence segment ids (no-cache path only)
+    blocks: Array | None = None  # [B, T] bidirectional block ids of this step's keys (-1: none)
 
 
 def attend(
@@ -145,6 +154,7 @@ def attend(
     query_positions: Array,
     sliding_window: int | None,
     query_segments: Array | None = None,
+    query_blocks: Array | None = None,
 ) -> Array:
     """Grouped-query attention with scale 1.0 and no logit soft-cap. q: [B, T, N, H] -> [B, T, N, H].
 
@@ -155,19 +165,21 @@ def attend(
     kv_heads = ctx.k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # query head n uses KV head n // G
     acc = _accum_dtype(q.dtype)
-    parts = [(ctx.k, ctx.v, ctx.positions, ctx.segments)]
+    # Bidirectional blocks are within one step (a prompt's image is prefilled in one call): cached keys have none.
+    parts = [(ctx.k, ctx.v, ctx.positions, ctx.segments, ctx.blocks)]
     if ctx.cached_k is not None:
-        parts.insert(0, (ctx.cached_k, ctx.cached_v, ctx.cached_positions, None))
+        parts.insert(0, (ctx.cached_k, ctx.cached_v, ctx.cached_positions, None, None))
     logits = []
-    for k, _, key_positions, key_segments in parts:
+    for k, _, key_positions, key_segments, key_blocks in parts:
         score = jnp.einsum("btkgh,bskh->btkgs", q, k.astype(q.dtype), preferred_element_type=acc)
         segments = (None, None) if key_segments is None else (query_segments, key_segments)
-        mask = attention_mask(query_positions, key_positions, sliding_window, *segments)
+        blocks = (None, None) if key_blocks is None or sliding_window is None else (query_blocks, key_blocks)
+        mask = attention_mask(query_positions, key_positions, sliding_window, *segments, *blocks)
         logits.append(jnp.where(mask[:, :, None, None, :], score, _MASKED))
     probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1).astype(q.dtype)
     out = 0
     start = 0
-    for _, v, key_positions, _ in parts:
+    for _, v, key_positions, _, _ in parts:
         length = key_positions.shape[1]
         p = probs[..., start : start + length]
         out = out + jnp.einsum("btkgs,bskh->btkgh", p, v.astype(q.dtype), preferred_element_type=acc)
@@ -251,6 +263,7 @@ class Attention(nn.Module):
         cache_positions: Array | None,  # [B, S]
         slots: Array | None,  # [B, T] where this step's K/V go in the cache
         segments: Array | None = None,  # [B, T] packed-sequence segment ids (no cache)
+        blocks: Array | None = None,  # [B, T] bidirectional block ids (-1: none)
     ) -> tuple[Array, KVContext, dict[str, Array] | None]:
         cfg, i = self.config, self.layer
         d, n = cfg.embed_dim, cfg.num_heads
@@ -278,12 +291,12 @@ class Attention(nn.Module):
         if shared is not None:
             ctx = shared
         elif cache is None:
-            ctx = KVContext(k, v, positions, segments=segments)
+            ctx = KVContext(k, v, positions, segments=segments, blocks=blocks)
         else:
-            ctx = KVContext(k, v, positions, cache["k"], cache["v"], cache_positions)
+            ctx = KVContext(k, v, positions, cache["k"], cache["v"], cache_positions, blocks=blocks)
             new_cache = {"k": _scatter(cache["k"], slots, k), "v": _scatter(cache["v"], slots, v)}
 
-        out = attend(q, ctx, positions, cfg.layer_window(i), segments)
+        out = attend(q, ctx, positions, cfg.layer_window(i), segments, blocks)
         out = Einsum((n, h, d), self.dtype, name="attn_vec_einsum")("btnh,nhd->btd", out)
         return out, ctx, new_cache
 
@@ -377,7 +390,9 @@ class Block(nn.Module):
     dtype: Any = jnp.bfloat16
 
     @nn.compact
-    def __call__(self, x, positions, per_layer_input, shared, cache, cache_positions, slots, segments=None):
+    def __call__(
+        self, x, positions, per_layer_input, shared, cache, cache_positions, slots, segments=None, blocks=None
+    ):
         cfg, i = self.config, self.layer
         eps = cfg.rms_norm_eps
 
@@ -386,7 +401,7 @@ class Block(nn.Module):
 
         a = norm("pre_attention_norm")(x)
         a, ctx, new_cache = Attention(cfg, i, self.dtype, name="attn")(
-            a, positions, shared, cache, cache_positions, slots, segments
+            a, positions, shared, cache, cache_positions, slots, segments, blocks
         )
         h = x + norm("post_attention_norm")(a)
 
@@ -458,6 +473,16 @@ class Embedder(nn.Module):
         return jnp.einsum("btd,vd->btv", x, table.astype(x.dtype), preferred_element_type=_accum_dtype(x.dtype))
 
 
+def embedding_ids(config: Gemma4Config, tokens):
+    """The embedding rows tokens read: image and audio placeholders read the pad row, filled with soft tokens or
+    not (a sampled placeholder too), as transformers' multimodal model does. numpy in, numpy out."""
+    if not config.multimodal:
+        return tokens
+    xp = np if isinstance(tokens, np.ndarray) else jnp
+    placeholder = (tokens == config.image_token_id) | (tokens == config.audio_token_id)
+    return xp.where(placeholder, config.pad_id, tokens)
+
+
 def per_layer_token_ids(config: Gemma4Config, tokens):
     """The PLE table row of each token: ids outside the vocabulary (multimodal placeholders) use the pad row 0."""
     return jnp.where((tokens >= 0) & (tokens < config.vocab_size), tokens, 0)
@@ -479,13 +504,23 @@ class Gemma4Transformer(nn.Module):
         logits_index: Array | None = None,  # [B]: return logits only at tokens[b, logits_index[b]]
         segments: Array | None = None,  # [B, T] packed-sequence segment ids (no cache)
         per_layer_tokens: Array | None = None,  # [B, T, L, P] PLE table rows gathered off the device
+        soft_tokens: Array | None = None,  # [B, T, D] embeddings from an encoder, where `soft_mask`
+        soft_mask: Array | None = None,  # [B, T] bool
+        blocks: Array | None = None,  # [B, T] bidirectional block ids on local layers (-1: none)
     ) -> tuple[Array, Cache | None]:
         cfg = self.config
         if segments is not None and cache is not None:
             raise ValueError("segment ids (packed sequences) are for the no-cache path")
         embedder = Embedder(cfg, self.dtype, name="embedder")
+        tokens = embedding_ids(cfg, tokens)
+        if soft_mask is not None:  # soft-token positions read the pad row of the PLE table (spec §6 #7)
+            tokens = jnp.where(soft_mask, cfg.pad_id, tokens)
         x = embedder.encode(tokens)
-        per_layer = embedder.per_layer_inputs(tokens, x, per_layer_tokens) if cfg.per_layer_input_dim else None
+        if soft_mask is not None:  # encoder embeddings replace the placeholders' as they are (not scaled by sqrt(D))
+            x = jnp.where(soft_mask[..., None], soft_tokens.astype(x.dtype), x)
+        per_layer = None
+        if cfg.per_layer_input_dim:  # the context part projects the merged embeddings, soft tokens included
+            per_layer = embedder.per_layer_inputs(tokens, x, per_layer_tokens)
 
         slots = cache_positions = new_cache = None
         if cache is not None:
@@ -497,12 +532,15 @@ class Gemma4Transformer(nn.Module):
             new_cache = {"positions": {kind: _scatter(cache_positions[kind], slots[kind], positions) for kind in slots}}
 
         block_cls = nn.remat(Block) if self.remat else Block
+        query_blocks = blocks if cfg.vision_bidirectional else None
         sources = cfg.kv_source_layers
         contexts: dict[int, KVContext] = {}
         for i, kind in enumerate(cfg.layer_types):
             if i == cfg.first_kv_shared_layer and logits_index is not None:
                 # Readers never write K/V, so only the positions whose logits are wanted go through them.
-                x, positions, per_layer, segments = _take_rows(logits_index, x, positions, per_layer, segments)
+                x, positions, per_layer, segments, query_blocks = _take_rows(
+                    logits_index, x, positions, per_layer, segments, query_blocks
+                )
             reader = sources[i] != i
             entry = None if cache is None or reader else cache[f"layer_{i}"]
             x, ctx, new_entry = block_cls(cfg, i, self.dtype, name=f"layer_{i}")(
@@ -514,6 +552,7 @@ class Gemma4Transformer(nn.Module):
                 None if cache_positions is None else cache_positions[kind],
                 None if slots is None else slots[kind],
                 segments,
+                query_blocks,
             )
             if not reader:
                 contexts[i] = ctx
@@ -521,7 +560,9 @@ class Gemma4Transformer(nn.Module):
                     new_cache[f"layer_{i}"] = new_entry
 
         if logits_index is not None and cfg.num_kv_shared_layers == 0:
-            x, positions, per_layer, segments = _take_rows(logits_index, x, positions, per_layer, segments)
+            x, positions, per_layer, segments, query_blocks = _take_rows(
+                logits_index, x, positions, per_layer, segments, query_blocks
+            )
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
         logits = embedder.decode(x)
         if cfg.final_logit_softcap is not None:
@@ -539,7 +580,9 @@ def _take_rows(index: Array, *arrays):
 
 
 def init_params(config: Gemma4Config, seed: int | Array = 0, dtype=jnp.bfloat16) -> Params:
-    """Random parameters in the official tree layout (spec §5.1): weights normal with std 1/sqrt(fan in), scales 1.
+    """Random parameters in the official tree layout (spec §5.1): weights normal with std 1/sqrt(fan in), scales 1
+    (each leaf as its `param_spec` entry says); the encoders in at least float32, as the official checkpoints keep
+    them.
 
     Drawn with numpy leaf by leaf, in blocks of rows (no compilation). Each leaf
     briefly exists twice (numpy, then the JAX copy), so a full-size E2B peaks at the weights plus its largest leaf
@@ -549,8 +592,11 @@ def init_params(config: Gemma4Config, seed: int | Array = 0, dtype=jnp.bfloat16)
 
     if isinstance(seed, jax.Array):
         seed = int(jax.random.randint(seed, (), 0, 2**31 - 1))
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    return param_spec.tree_of(config, lambda leaf: jnp.asarray(random_leaf(seed, leaf, np_dtype)))
+
+    def draw(leaf):
+        return jnp.asarray(random_leaf(seed, leaf, np.dtype(param_spec.leaf_dtype(leaf, dtype))))
+
+    return param_spec.tree_of(config, draw)
 
 
 def random_leaf(seed: int, leaf, np_dtype) -> np.ndarray:
@@ -558,8 +604,10 @@ def random_leaf(seed: int, leaf, np_dtype) -> np.ndarray:
     (derived from `seed` and its path), so leaves can be drawn one at a time in any order."""
     shape, std = leaf.shape, leaf.init_std
     if std is None:
-        return np.ones(shape, np_dtype)
+        return np.full(shape, leaf.init_value, np_dtype)
     rng = np.random.default_rng([seed, zlib.crc32(leaf.name.encode())])
+    if not shape:
+        return np.asarray(rng.standard_normal(np.float32) * np.float32(std), np_dtype)
     value = np.empty(shape, np_dtype)
     rows = max(1, (1 << 24) // max(1, math.prod(shape[1:])))
     for start in range(0, shape[0], rows):
@@ -569,9 +617,17 @@ def random_leaf(seed: int, leaf, np_dtype) -> np.ndarray:
 
 
 def param_shapes(config: Gemma4Config, dtype=jnp.bfloat16) -> Params:
-    """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    """The whole parameter tree (text decoder and encoders) as `jax.ShapeDtypeStruct`s, without allocating
+    anything; each leaf in the dtype `init_params` and the loaders give it."""
+    from gemma4_jax import param_spec
+
+    return param_spec.tree_of(config, lambda leaf: jax.ShapeDtypeStruct(leaf.shape, param_spec.leaf_dtype(leaf, dtype)))
+
+
+def decoder_param_shapes(config: Gemma4Config, dtype=jnp.bfloat16) -> Params:
+    """The text decoder's parameters as the Flax module declares them (what `param_spec` must agree with)."""
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    init = lambda k, t: Gemma4Transformer(config, dtype).init(k, t, t)["params"]  # noqa: E731
+    init = lambda k, t: Gemma4Transformer(config.text_only(), dtype).init(k, t, t)["params"]  # noqa: E731
     return jax.eval_shape(init, jax.random.key(0), tokens)
 
 
@@ -603,6 +659,9 @@ def apply(
     logits_index: Array | None = None,
     segments: Array | None = None,
     per_layer_tokens: Array | None = None,
+    soft_tokens: Array | None = None,
+    soft_mask: Array | None = None,
+    blocks: Array | None = None,
     remat: bool = False,
 ) -> tuple[Array, Cache | None]:
     """The forward pass: `(params, tokens, positions, cache) -> (logits, cache)`.
@@ -613,11 +672,27 @@ def apply(
     `segments` [B, T] (no cache) keeps packed training examples from attending to each other; give each
     example its own positions from 0. `per_layer_tokens` [B, T, L, P] are the PLE table rows of `tokens` when
     the table is kept off the device (then `params` need not contain it).
+
+    Images and audio reach the decoder as embeddings: `soft_tokens` [B, T, D] (from `gemma4_jax.multimodal`) take
+    the place of the token embeddings where `soft_mask` [B, T] is set, and `blocks` [B, T] (>= 0: one image's soft
+    tokens) attend to each other in both directions on the local layers of configs with `vision_bidirectional`.
     """
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     model = Gemma4Transformer(config, remat=remat)
-    return model.apply({"params": params}, tokens, positions, cache, logits_index, segments, per_layer_tokens)
+    decoder = {k: v for k, v in params.items() if k not in ("vision_encoder", "audio_encoder")}
+    return model.apply(
+        {"params": decoder},
+        tokens,
+        positions,
+        cache,
+        logits_index,
+        segments,
+        per_layer_tokens,
+        soft_tokens,
+        soft_mask,
+        blocks,
+    )
 
 
 def cache_lengths(config: Gemma4Config, cache_length: int) -> dict[str, int]:

@@ -65,6 +65,24 @@ def _is_text(path: Path) -> bool:
     return path[0] == "final_norm" or bool(_LAYER.match(path[0]))
 
 
+def _tower_of(path: Path) -> str | None:
+    """ "vision" / "audio" for a NESTED leaf of an encoder or its projection into the text width, else None."""
+    if path[0] == "vision_encoder" or path[:2] == ("embedder", "mm_input_projection"):
+        return "vision"
+    if path[0] == "audio_encoder" or path[:2] == ("embedder", "audio_input_projection"):
+        return "audio"
+    return None
+
+
+def with_stored_towers(config: Gemma4Config, found) -> Gemma4Config:
+    """`config` with just the encoders whose tensors the checkpoint has (a text-only checkpoint of a multimodal
+    variant loads as its text decoder)."""
+    present = {_tower_of(path) for path in found}
+    return config.replace(
+        vision=config.vision if "vision" in present else None, audio=config.audio if "audio" in present else None
+    )
+
+
 def _layout(top_keys: set[str]) -> str:
     if any(_STACKED.match(k) for k in top_keys):
         return "stacked"
@@ -85,15 +103,21 @@ def _drop_dense_mlp_w(raw: dict[Path, StoredLeaf]) -> dict[Path, StoredLeaf]:
 
 
 class OrbaxSource(WeightSource):
-    """An orbax checkpoint directory, seen as NESTED text-decoder leaves read one at a time.
+    """An orbax checkpoint directory, seen as NESTED leaves read one at a time.
 
-    `stored`: NESTED path -> StoredLeaf for every text-decoder tensor; `other`: names of the tensors that are
-    not part of the text decoder (vision/audio encoders and their projections), which loading leaves unread.
-    The config is --config, --variant, a config.json of ours beside the tensors, or recognised from the shapes.
+    `stored`: NESTED path -> StoredLeaf for every tensor of the text decoder and (NESTED layout) of the encoders;
+    `other`: names of the tensors left unread (the encoders with `text_only`, and those of the FLAT / STACKED
+    layouts, whose encoder naming the project does not map). The config is --config, --variant, a config.json of
+    ours beside the tensors, or recognised from the shapes; it has the encoders the checkpoint has.
     """
 
     def __init__(
-        self, path: str, variant: str | None = None, config_file: str | None = None, directory: str | None = None
+        self,
+        path: str,
+        variant: str | None = None,
+        config_file: str | None = None,
+        directory: str | None = None,
+        text_only: bool = False,
     ):
         import orbax.checkpoint as ocp
 
@@ -127,7 +151,8 @@ class OrbaxSource(WeightSource):
         other: list[str] = []
         for stored_path, meta in flat.items():
             for nested, leaf in self._nested_leaves(stored_path, meta):
-                if nested and _is_text(nested):
+                tower = _tower_of(nested) if nested and self.layout == "nested" else None
+                if nested and (_is_text(nested) or (tower and not text_only)):
                     raw[nested] = leaf
                 else:
                     other.append("/".join(stored_path))
@@ -225,6 +250,7 @@ class OrbaxSource(WeightSource):
             cfg, what = Gemma4Config.load_json(own), own
         else:
             return recognise_variant(found, self.path)
+        cfg = with_stored_towers(cfg, found)
         problem = shape_mismatch(cfg, found, what)
         if problem:
             raise Gemma4Error(f"{self.path}: {what} does not match the checkpoint: {problem}")
@@ -235,7 +261,7 @@ class OrbaxSource(WeightSource):
 
 
 def shape_mismatch(config: Gemma4Config, found: dict[Path, tuple[int, ...]], what: str) -> str | None:
-    """The first difference between the checkpoint's text tensors and `config`'s, in words; None if they match."""
+    """The first difference between the checkpoint's tensors and `config`'s, in words; None if they match."""
     expected = param_spec.shapes(config)
     optional = {leaf.path for leaf in param_spec.param_spec(config) if leaf.unused}
     for path, shape in expected.items():
@@ -260,13 +286,17 @@ def recognise_variant(found: dict[Path, tuple[int, ...]], where: str) -> Gemma4C
     layers = sum(1 for p in found if p[-1] == "skip_scale" and _LAYER.match(p[0]))
     described = f"vocab {embedding[0]}, width {embedding[1]}, {layers} layers"
     # The official variants, and the toy presets (tests, demos) too: only presets of the same size are checked.
-    candidates = [c for c in PRESETS.values() if (c.vocab_size, c.embed_dim, c.num_layers) == (*embedding, layers)]
+    candidates = [
+        with_stored_towers(c, found)
+        for c in PRESETS.values()
+        if (c.vocab_size, c.embed_dim, c.num_layers) == (*embedding, layers)
+    ]
     nearest = ""
     for cfg in candidates:
         problem = shape_mismatch(cfg, found, cfg.name)
         if problem is None:
             return cfg
-        nearest = f"; nearest is {cfg.name}, but {problem}"
+        nearest = nearest or f"; nearest is {cfg.name}, but {problem}"
     raise Gemma4Error(
         f"{where}: the tensor shapes ({described}) are not those of an official variant "
         f"({', '.join(OFFICIAL_VARIANTS)}){nearest}. Pass --config FILE (an HF-style config.json) for other sizes"

@@ -10,7 +10,11 @@ A `Leaf` states once what the project needs to know about one tensor:
 - `hf` / `gguf`: its Hugging Face and llama.cpp tensor names (one per index of `split`);
 - `quant`: its quantization class, which the per-target policies (`gemma4_jax.quant.policy`) decide on;
 - `lora`: whether a LoRA adapter may target it;
-- `unused`: in the official tree but never read (the K/V weights of KV-shared reader layers, spec §6 #17).
+- `unused`: in the official tree but never read (the K/V weights of KV-shared reader layers, spec §6 #17);
+- `part`: text decoder, vision or audio encoder; `stack`: the axis of layers stacked in one leaf (the vision encoder),
+  one HF tensor per layer; `hf_axes`: the HF axis order where it is not Linear's [out, in] (convolutions, the
+  position table); `replicate`: one official value that HF stores in several tensors (a clip bound of K and V);
+  `init`: how random weights are drawn ("auto": 1 for scales, else normal with std 1/sqrt(fan in)).
 
 Derived here, so nothing else restates them: shapes, the HF transforms in both directions, the stored layout of a
 quantized weight (contracted axes last: the HF / ggml [out, in] layout), LoRA axis roles and module names, the
@@ -38,7 +42,9 @@ PLE_PROJECTION = "ple_projection"  # the PLE context projection D -> L·P
 PLE_GATE = "ple_gate"  # the per-layer PLE gate D -> P and projection P -> D
 EMBEDDING = "embedding"  # the token embedding: a lookup table and the tied LM head
 PLE_TABLE = "ple_table"  # the PLE token table: a lookup table only
-QUANT_CLASSES = (SCALE, ROUTER, MATRIX, PLE_PROJECTION, PLE_GATE, EMBEDDING, PLE_TABLE)
+TOWER = "tower"  # the vision and audio encoders' weights and their projections into the text width
+QUANT_CLASSES = (SCALE, ROUTER, MATRIX, PLE_PROJECTION, PLE_GATE, EMBEDDING, PLE_TABLE, TOWER)
+PARTS = ("text", "vision", "audio")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,15 +62,24 @@ class Leaf:
     quant: str = SCALE
     lora: bool = False
     unused: bool = False
+    part: str = "text"
+    stack: str | None = None
+    hf_axes: tuple[str, ...] = ()
+    replicate: bool = False
+    init: str = "auto"
 
     def __post_init__(self):
         assert len(self.axes) == len(self.shape) == len(set(self.axes)), self
-        assert set(self.contracts) | set(self.batch) | {self.split} - {None} <= set(self.axes), self
-        assert self.quant in QUANT_CLASSES, self
+        assert set(self.contracts) | set(self.batch) | {self.split, self.stack} - {None} <= set(self.axes), self
+        assert self.quant in QUANT_CLASSES and self.part in PARTS, self
+        assert self.stack is None or self.axes[0] == self.stack, self
+        per_layer = len(self.hf) // (self.size(self.stack) if self.stack else 1)
         if self.split is not None:  # the split axis leads the stored layout, so it must lead the uncontracted axes
-            assert self.stored_axes[0] == self.split and len(self.hf) == self.size(self.split), self
-        else:
-            assert len(self.hf) == 1, self
+            assert self.stored_axes[0] == (self.stack or self.split), self
+            assert per_layer == self.size(self.split), self
+        elif not self.replicate:
+            assert per_layer == 1, self
+        assert not self.hf_axes or sorted(self.hf_axes) == sorted(a for a in self.axes if a != self.stack), self
         assert not self.gguf or len(self.gguf) == len(self.hf), self
 
     @property
@@ -90,8 +105,17 @@ class Leaf:
 
     @property
     def init_std(self) -> float | None:
-        """Standard deviation of a random weight, 1/sqrt(fan in); None for scales (initialised to 1)."""
-        return None if self.quant == SCALE else 1.0 / math.sqrt(self.fan_in)
+        """Standard deviation of a random weight, 1/sqrt(fan in) (or as `init` says); None for constants."""
+        if self.init.startswith("normal:"):
+            return float(self.init.split(":", 1)[1])
+        if self.init != "auto" or self.quant == SCALE:
+            return None
+        return 1.0 / math.sqrt(self.fan_in)
+
+    @property
+    def init_value(self) -> float:
+        """The constant of a leaf with no random init: 1 for scales, or "zeros" / "inf" / "-inf"."""
+        return {"auto": 1.0, "zeros": 0.0, "inf": math.inf, "-inf": -math.inf}[self.init]
 
     # ----- the stored layout: contracted axes last (HF / ggml [out, in]) ----------------------------------
 
@@ -116,9 +140,19 @@ class Leaf:
 
     # ----- Hugging Face form ------------------------------------------------------------------------------
 
+    def _layer(self) -> Leaf:
+        """One layer of a stacked leaf, as an unstacked leaf (the HF form is per layer)."""
+        per_layer = len(self.hf) // self.size(self.stack)
+        return dataclasses.replace(
+            self, axes=self.axes[1:], shape=self.shape[1:], stack=None, hf=self.hf[:per_layer], gguf=(),
+            contracts=tuple(a for a in self.contracts if a != self.stack),
+        )  # fmt: skip
+
     def _hf_shape(self) -> tuple[int, ...]:
-        """Shape of each HF tensor: a vector as is; a lookup table [vocab, features]; else torch's Linear
-        [out, in], with batch axes (experts) kept in front."""
+        """Shape of each HF tensor: in `hf_axes` order if given; a vector as is; a lookup table [vocab, features];
+        else torch's Linear [out, in], with batch axes (experts) kept in front."""
+        if self.hf_axes:
+            return tuple(self.size(a) for a in self.hf_axes)
         stored = [a for a in self.stored_axes if a != self.split]
         if not self.contracts:
             return tuple(self.size(a) for a in stored)
@@ -134,20 +168,42 @@ class Leaf:
 
     @property
     def hf_shapes(self) -> tuple[tuple[int, ...], ...]:
+        if self.stack:
+            return self._layer().hf_shapes * self.size(self.stack)
         return (self._hf_shape(),) * len(self.hf)
 
     def to_hf(self, w: np.ndarray) -> tuple[np.ndarray, ...]:
         """The official-layout array as its HF tensor(s) (views where numpy can)."""
+        if self.stack:
+            layer = self._layer()
+            return tuple(t for i in range(self.size(self.stack)) for t in layer.to_hf(w[i]))
+        if self.replicate:
+            return (w,) * len(self.hf)
+        if self.hf_axes:
+            return (np.transpose(w, [self.axes.index(a) for a in self.hf_axes]),)
         stored = np.transpose(w, self.perm)
         parts = list(stored) if self.split is not None else [stored]
         return tuple(p.reshape(self._hf_shape()) for p in parts)
 
     def from_hf(self, *arrays: np.ndarray) -> np.ndarray:
-        """The inverse of `to_hf`. Raises ValueError naming the tensor whose shape does not fit."""
-        want = self._hf_shape()
-        for name, a in zip(self.hf, arrays, strict=True):
-            if tuple(a.shape) != want:
-                raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {want}")
+        """The inverse of `to_hf`. Raises ValueError naming the tensor whose shape (or replicated value) does not
+        fit."""
+        for name, a, want in zip(self.hf, arrays, self.hf_shapes, strict=True):
+            if tuple(np.shape(a)) != want:
+                raise ValueError(f"{name} has shape {tuple(np.shape(a))}, expected {want}")
+        if self.stack:
+            layer, k = self._layer(), len(self.hf) // self.size(self.stack)
+            names = self.hf
+            try:
+                return np.stack([layer.from_hf(*arrays[i * k : (i + 1) * k]) for i in range(self.size(self.stack))])
+            except ValueError as e:
+                raise ValueError(f"{e} (layer tensors {names[0]} ...)") from None
+        if self.replicate:
+            if any(not np.array_equal(arrays[0], a) for a in arrays[1:]):
+                raise ValueError(f"{', '.join(self.hf)} differ; the official tree holds one value for all of them")
+            return np.asarray(arrays[0])
+        if self.hf_axes:
+            return np.transpose(np.asarray(arrays[0]), [self.hf_axes.index(a) for a in self.axes])
         part_shape = tuple(self.shape[p] for p in self.perm if self.axes[p] != self.split)
         parts = [np.asarray(a).reshape(part_shape) for a in arrays]
         stored = np.stack(parts) if self.split is not None else parts[0]
@@ -181,24 +237,34 @@ def _axes(text: str) -> tuple[str, ...]:
 
 
 class _Builder:
-    """Makes Leaf entries under a path / HF / GGUF prefix, with sizes looked up by axis name."""
+    """Makes Leaf entries under a path / HF / GGUF prefix, with sizes looked up by axis name. A stacked leaf's HF
+    names hold `{i}` and are expanded here, layer by layer."""
 
-    def __init__(self, sizes: dict[str, int], path: Path = (), hf: str = "", gguf: str = ""):
-        self.sizes, self.path, self.hf, self.gguf = sizes, path, hf, gguf
+    def __init__(self, sizes: dict[str, int], path: Path = (), hf: str = "", gguf: str = "", part: str = "text"):
+        self.sizes, self.path, self.hf, self.gguf, self.part = sizes, path, hf, gguf, part
 
-    def __call__(self, path: str, axes: str, hf, gguf=(), *, contracts: str = "", split=None, batch: str = "", **kw):
+    def __call__(
+        self, path, axes: str, hf, gguf=(), *, contracts: str = "", split=None, batch: str = "", hf_axes: str = "",
+        stack=None, **kw,
+    ):  # fmt: skip
         hf = (hf,) if isinstance(hf, str) else tuple(hf)
         gguf = (gguf,) if isinstance(gguf, str) else tuple(gguf)
         names = _axes(axes)
+        hf = tuple(self.hf + n for n in hf)
+        if stack:
+            hf = tuple(n.format(i=i) for i in range(self.sizes[stack]) for n in hf)
         return Leaf(
-            path=(*self.path, *path.split("/")),
+            path=(*self.path, *(path.split("/") if isinstance(path, str) else path)),
             axes=names,
             shape=tuple(self.sizes[a] for a in names),
             contracts=_axes(contracts),
             split=split,
             batch=_axes(batch),
-            hf=tuple(self.hf + n for n in hf),
+            hf=hf,
             gguf=tuple(self.gguf + n for n in gguf),
+            part=self.part,
+            stack=stack,
+            hf_axes=_axes(hf_axes),
             **kw,
         )
 
@@ -316,13 +382,185 @@ def _layer(cfg: Gemma4Config, i: int) -> list[Leaf]:
     return out
 
 
+# The clipped linears of the vision encoder: the official einsum scope and the HF projection(s) it stands for (one
+# official clip bound per einsum; HF has one per projection, so K and V, gate and up hold copies).
+_VISION_CLIPPED = (
+    ("attn/q_einsum", ("self_attn.q_proj",)),
+    ("attn/kv_einsum", ("self_attn.k_proj", "self_attn.v_proj")),
+    ("attn/attn_vec_einsum", ("self_attn.o_proj",)),
+    ("mlp/gating_einsum", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp/linear", ("mlp.down_proj",)),
+)
+_CLIP_BOUNDS = (("clip_input_min", "input_min"), ("clip_input_max", "input_max"))
+_CLIP_BOUNDS += (("clip_output_min", "output_min"), ("clip_output_max", "output_max"))
+
+
+def _clip_init(bound: str) -> str:
+    return "-inf" if bound.endswith("_min") else "inf"  # the official initial values: no clipping
+
+
+def _vision(cfg: Gemma4Config) -> list[Leaf]:
+    """The vision encoder (spec §4.1, §5.1): layers stacked on axis 0, HF `model.vision_tower.` + `embed_vision`."""
+    v = cfg.vision
+    sizes = {
+        "patch": v.patch_values, "vision_embed": v.width, "positions": v.position_table_size, "xy": 2,
+        "layers": v.num_layers, "vision_heads": v.num_heads, "vision_head_dim": v.head_dim, "kv": 2, "gate_up": 2,
+        "vision_mlp": v.ffw_hidden, "embed": cfg.embed_dim,
+    }  # fmt: skip
+    leaf = _Builder(sizes, ("vision_encoder",), "vision_tower.", part="vision")
+    block, hf_layer = "transformer/stacked_layers/block/", "encoder.layers.{i}."
+
+    def stacked(path, axes, hf, **kw):
+        names = (hf,) if isinstance(hf, str) else hf
+        return leaf(block + path, "layers " + axes, tuple(hf_layer + n for n in names), stack="layers", **kw)
+
+    out = [
+        leaf("entry/input_projection/w", "patch vision_embed", "patch_embedder.input_proj.weight", contracts="patch",
+             quant=TOWER),
+        leaf("entry/pos_emb", "positions xy vision_embed", "patch_embedder.position_embedding_table",
+             hf_axes="xy positions vision_embed", quant=TOWER, init="normal:0.02"),
+        stacked("pre_attention_norm/scale", "vision_embed", "input_layernorm.weight"),
+        stacked("attn/q_einsum/w", "vision_heads vision_embed vision_head_dim", "self_attn.q_proj.linear.weight",
+                contracts="vision_embed", quant=TOWER),
+        stacked("attn/kv_einsum/w", "kv vision_heads vision_embed vision_head_dim",
+                ("self_attn.k_proj.linear.weight", "self_attn.v_proj.linear.weight"), contracts="vision_embed",
+                split="kv", quant=TOWER),
+        stacked("attn/query_norm/scale", "vision_head_dim", "self_attn.q_norm.weight"),
+        stacked("attn/key_norm/scale", "vision_head_dim", "self_attn.k_norm.weight"),
+        stacked("attn/attn_vec_einsum/w", "vision_heads vision_head_dim vision_embed", "self_attn.o_proj.linear.weight",
+                contracts="vision_heads vision_head_dim", quant=TOWER),
+        stacked("post_attention_norm/scale", "vision_embed", "post_attention_layernorm.weight"),
+        stacked("pre_ffw_norm/scale", "vision_embed", "pre_feedforward_layernorm.weight"),
+        stacked("mlp/gating_einsum/w", "gate_up vision_mlp vision_embed",
+                ("mlp.gate_proj.linear.weight", "mlp.up_proj.linear.weight"), contracts="vision_embed", split="gate_up",
+                quant=TOWER),
+        stacked("mlp/linear/w", "vision_mlp vision_embed", "mlp.down_proj.linear.weight", contracts="vision_mlp",
+                quant=TOWER),
+        stacked("post_ffw_norm/scale", "vision_embed", "post_feedforward_layernorm.weight"),
+    ]  # fmt: skip
+    if v.clipped_linears:
+        for scope, projections in _VISION_CLIPPED:
+            for bound, hf_bound in _CLIP_BOUNDS:
+                names = tuple(f"{projection}.{hf_bound}" for projection in projections)
+                out.append(stacked(f"{scope}/{bound}", "", names, replicate=len(names) > 1, init=_clip_init(bound)))
+    if v.standardize:
+        out += [
+            leaf("standardize/bias", "vision_embed", "std_bias", init="zeros"),
+            leaf("standardize/scale", "vision_embed", "std_scale"),
+        ]
+    projection = _Builder(sizes, ("embedder",), "embed_vision.", part="vision")
+    out.append(projection("mm_input_projection/w", "vision_embed embed", "embedding_projection.weight",
+                          contracts="vision_embed", quant=TOWER))  # fmt: skip
+    return out
+
+
+# The clipped linears of a conformer layer: official scope, HF module.
+_AUDIO_CLIPPED = (
+    ("fflayer_start/ffn_layer1", "feed_forward1.ffw_layer_1"),
+    ("fflayer_start/ffn_layer2", "feed_forward1.ffw_layer_2"),
+    ("trans_atten/self_atten/query", "self_attn.q_proj"),
+    ("trans_atten/self_atten/key", "self_attn.k_proj"),
+    ("trans_atten/self_atten/value", "self_attn.v_proj"),
+    ("trans_atten/post", "self_attn.post"),
+    ("lconv/linear_start", "lconv1d.linear_start"),
+    ("lconv/linear_end", "lconv1d.linear_end"),
+    ("fflayer_end/ffn_layer1", "feed_forward2.ffw_layer_1"),
+    ("fflayer_end/ffn_layer2", "feed_forward2.ffw_layer_2"),
+)
+AUDIO_LAYER = "conformer/stacked_layers_{i}"  # one key of the official tree: the Flax module name contains "/"
+
+
+def _audio(cfg: Gemma4Config) -> list[Leaf]:
+    """The audio encoder (spec §4.2, §5.1): conformer layers one by one, HF `model.audio_tower.` + `embed_audio`."""
+    a = cfg.audio
+    c0, c1 = a.subsampling_channels
+    sizes = {
+        "kh": 3, "kw": 3, "one": 1, "channels0": c0, "channels1": c1, "mel": a.subsampled_mel_bins,
+        "audio_embed": a.hidden_size, "audio_q": a.hidden_size, "audio_k": a.hidden_size, "audio_v": a.hidden_size,
+        "audio_end": a.hidden_size, "audio_glu": 2 * a.hidden_size, "audio_mlp": a.ffw_hidden,
+        "audio_heads": a.num_heads, "audio_head_dim": a.head_dim, "conv_kernel": a.conv_kernel_size,
+        "audio_out": a.output_dim, "embed": cfg.embed_dim,
+    }  # fmt: skip
+    leaf = _Builder(sizes, ("audio_encoder",), "audio_tower.", part="audio")
+    out = [
+        leaf("feature/subsampling_0/kernel", "kh kw one channels0", "subsample_conv_projection.layer0.conv.weight",
+             contracts="kh kw one", hf_axes="channels0 one kh kw", quant=TOWER),
+        leaf("feature/norm_0/scale", "channels0", "subsample_conv_projection.layer0.norm.weight"),
+        leaf("feature/subsampling_1/kernel", "kh kw channels0 channels1",
+             "subsample_conv_projection.layer1.conv.weight", contracts="kh kw channels0",
+             hf_axes="channels1 channels0 kh kw", quant=TOWER),
+        leaf("feature/norm_1/scale", "channels1", "subsample_conv_projection.layer1.norm.weight"),
+        leaf("feature/input_proj/kernel", "mel channels1 audio_embed",
+             "subsample_conv_projection.input_proj_linear.weight", contracts="mel channels1", quant=TOWER),
+    ]  # fmt: skip
+    for i in range(a.num_layers):
+        layer = _Builder(sizes, ("audio_encoder", AUDIO_LAYER.format(i=i)), f"audio_tower.layers.{i}.", part="audio")
+        for scope, hf_ffn in (("fflayer_start", "feed_forward1."), ("fflayer_end", "feed_forward2.")):
+            out += [
+                layer(f"{scope}/pre_layer_norm/scale", "audio_embed", hf_ffn + "pre_layer_norm.weight"),
+                layer(f"{scope}/ffn_layer1/kernel", "audio_embed audio_mlp", hf_ffn + "ffw_layer_1.linear.weight",
+                      contracts="audio_embed", quant=TOWER),
+                layer(f"{scope}/ffn_layer2/kernel", "audio_mlp audio_embed", hf_ffn + "ffw_layer_2.linear.weight",
+                      contracts="audio_mlp", quant=TOWER),
+                layer(f"{scope}/post_layer_norm/scale", "audio_embed", hf_ffn + "post_layer_norm.weight"),
+            ]  # fmt: skip
+            if scope == "fflayer_start":  # the layer's order: FFN, attention, light conv, FFN, final norm
+                out += _conformer_middle(layer)
+        out.append(layer("final_ln/scale", "audio_embed", "norm_out.weight"))
+        if a.use_clipped_linears:
+            for scope, module in _AUDIO_CLIPPED:
+                for bound, hf_bound in _CLIP_BOUNDS:
+                    out.append(layer(f"{scope}/{bound}", "", f"{module}.{hf_bound}", init=_clip_init(bound)))
+    out += [
+        leaf("output_projection/kernel", "audio_embed audio_out", "output_proj.weight", contracts="audio_embed",
+             quant=TOWER),
+        leaf("output_projection/bias", "audio_out", "output_proj.bias", init="zeros"),
+        _Builder(sizes, ("embedder",), "embed_audio.", part="audio")(
+            "audio_input_projection/w", "audio_out embed", "embedding_projection.weight", contracts="audio_out",
+            quant=TOWER),
+    ]  # fmt: skip
+    return out
+
+
+def _conformer_middle(layer: _Builder) -> list[Leaf]:
+    """A conformer layer's attention (with its relative-position projection) and light convolution."""
+    return [
+        layer("trans_atten/pre_norm/scale", "audio_embed", "norm_pre_attn.weight"),
+        *(
+            layer(f"trans_atten/self_atten/{name}/kernel", f"audio_embed audio_{name[0]}",
+                  f"self_attn.{name[0]}_proj.linear.weight", contracts="audio_embed", quant=TOWER)
+            for name in ("query", "key", "value")
+        ),
+        layer("trans_atten/self_atten/per_dim_scale", "audio_head_dim", "self_attn.per_dim_scale", init="zeros"),
+        layer("trans_atten/self_atten/relative_position_embedding/pos_proj/kernel",
+              "audio_embed audio_heads audio_head_dim", "self_attn.relative_k_proj.weight", contracts="audio_embed",
+              quant=TOWER),
+        layer("trans_atten/post/kernel", "audio_heads audio_head_dim audio_embed", "self_attn.post.linear.weight",
+              contracts="audio_heads audio_head_dim", quant=TOWER),
+        layer("trans_atten/post_norm/scale", "audio_embed", "norm_post_attn.weight"),
+        layer("lconv/ln/scale", "audio_embed", "lconv1d.pre_layer_norm.weight"),
+        layer("lconv/linear_start/kernel", "audio_embed audio_glu", "lconv1d.linear_start.linear.weight",
+              contracts="audio_embed", quant=TOWER),
+        layer("lconv/depthwise_conv1d/kernel", "conv_kernel one audio_embed", "lconv1d.depthwise_conv1d.weight",
+              contracts="conv_kernel", hf_axes="audio_embed one conv_kernel", quant=TOWER),
+        layer("lconv/conv_norm/scale", "audio_embed", "lconv1d.conv_norm.weight"),
+        layer("lconv/linear_end/kernel", "audio_embed audio_end", "lconv1d.linear_end.linear.weight",
+              contracts="audio_embed", quant=TOWER),
+    ]  # fmt: skip
+
+
 @functools.lru_cache(maxsize=32)
 def param_spec(config: Gemma4Config) -> tuple[Leaf, ...]:
-    """Every leaf of the official parameter tree of `config`, in a fixed order (embedder, layers, final norm)."""
+    """Every leaf of the official parameter tree of `config`, in a fixed order: the text decoder (embedder, layers,
+    final norm), then the vision and audio encoders if the config has them."""
     leaves = list(_embedder(config))
     for i in range(config.num_layers):
         leaves += _layer(config, i)
     leaves.append(_Builder(_sizes(config))("final_norm/scale", "embed", "norm.weight", "output_norm.weight"))
+    if config.vision is not None:
+        leaves += _vision(config)
+    if config.audio is not None:
+        leaves += _audio(config)
     return tuple(leaves)
 
 
@@ -335,6 +573,14 @@ def leaf_of(config: Gemma4Config, path: Path | str) -> Leaf:
     """The entry of `path` (a tuple or a "/"-joined string)."""
     key = tuple(path.split("/")) if isinstance(path, str) else tuple(path)
     return by_path(config)[key]
+
+
+def leaf_dtype(leaf: Leaf, dtype):
+    """The dtype a leaf is kept in when the model computes in `dtype`: the encoders in at least float32 (the
+    official checkpoints keep them in float32; they are small, and their outputs feed every image/audio token)."""
+    import jax.numpy as jnp
+
+    return jnp.promote_types(dtype, jnp.float32) if leaf.part != "text" else jnp.dtype(dtype)
 
 
 def shapes(config: Gemma4Config) -> dict[Path, tuple[int, ...]]:

@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma4_jax import multimodal
 from gemma4_jax.config import Gemma4Config
 from gemma4_jax.errors import Gemma4Error
-from gemma4_jax.model import Params, apply, init_cache
+from gemma4_jax.model import Params, apply, embedding_ids, init_cache
+from gemma4_jax.multimodal import SoftTokens
 from gemma4_jax.ple import HostPLE, split_table
 
 # <eos>, <turn|>, <|tool_response> (spec §3.6)
@@ -80,9 +82,19 @@ def _bucket(n: int, minimum: int = 16) -> int:
 
 # `ple_rows` [B, T, L, P]: PLE table rows gathered on the host (None: the table is in `params`).
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
-def _prefill(config, sampling, params, tokens, positions, cache, last_index, key, ple_rows):
+def _prefill(config, sampling, params, tokens, positions, cache, last_index, key, ple_rows, soft):
+    soft_tokens, soft_mask, blocks = soft if soft is not None else (None, None, None)
     logits, cache = apply(
-        params, tokens, positions, cache, config=config, logits_index=last_index, per_layer_tokens=ple_rows
+        params,
+        tokens,
+        positions,
+        cache,
+        config=config,
+        logits_index=last_index,
+        per_layer_tokens=ple_rows,
+        soft_tokens=soft_tokens,
+        soft_mask=soft_mask,
+        blocks=blocks,
     )
     return sample_token(logits[:, 0], key, sampling), jnp.isfinite(logits).all(), cache
 
@@ -153,10 +165,13 @@ class Sampler:
         max_new_tokens: int = 32,
         seed: int = 0,
         on_token: Callable[[int, int], None] | None = None,
+        soft: Sequence[SoftTokens | None] | None = None,
     ) -> Generation:
         """Continues each prompt (token ids, BOS included) by up to `max_new_tokens` tokens.
 
-        `on_token(row, token)` is called for every generated token as soon as it is known (streaming).
+        `on_token(row, token)` is called for every generated token as soon as it is known (streaming). `soft`
+        holds each prompt's image and audio embeddings (`multimodal.embed`), for prompts expanded by
+        `multimodal.expand`; the prompt is prefilled in one call, so an image's bidirectional block is whole.
         """
         self.validate(prompts, max_new_tokens)
         batch = len(prompts)
@@ -174,13 +189,19 @@ class Sampler:
         last_index = jnp.asarray(lengths - 1)
         compile_start = time.perf_counter()  # ahead-of-time compilation; a cache hit once the shapes were seen
         static = (self.config, self.sampling, self.params)
-        prompt_rows = self._ple_rows(tokens)
+        soft_arrays = None
+        ple_ids = tokens
+        if soft is not None and any(row is not None for row in soft):
+            soft_arrays = multimodal.batch(soft, width, self.cache_dtype)
+            ple_ids = np.where(np.asarray(soft_arrays[1]), self.config.pad_id, tokens)  # soft slots read the pad row
+        prompt_rows = self._ple_rows(ple_ids)
         step_rows = self._ple_rows(np.zeros((batch, 1), np.int32))
-        prefill = _prefill.lower(*static, tokens, positions, cache, last_index, key, prompt_rows).compile()
+        prefill = _prefill.lower(*static, tokens, positions, cache, last_index, key, prompt_rows, soft_arrays)
+        prefill = prefill.compile()
         step_fn = _step.lower(*static, last_index, last_index, cache, key, step_rows).compile()
         prefill_start = time.perf_counter()
         token, finite, cache = prefill(
-            self.params, tokens, positions, cache, last_index, jax.random.fold_in(key, 0), prompt_rows
+            self.params, tokens, positions, cache, last_index, jax.random.fold_in(key, 0), prompt_rows, soft_arrays
         )
         _check_finite(finite)
         decode_start = time.perf_counter()
@@ -218,4 +239,4 @@ class Sampler:
         )
 
     def _ple_rows(self, tokens: np.ndarray) -> np.ndarray | None:
-        return None if self.ple_table is None else self.ple_table.rows(tokens)
+        return None if self.ple_table is None else self.ple_table.rows(embedding_ids(self.config, tokens))

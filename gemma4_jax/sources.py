@@ -51,7 +51,8 @@ class WeightSource:
     """A checkpoint seen as the leaves of the official tree (`param_spec.param_spec(config)`), read on demand.
 
     `description` names it in messages; `directory` is the local directory with its tokenizer files (or None);
-    `other` lists the tensors outside the text decoder that are not read (vision/audio towers).
+    `other` lists the checkpoint's tensors that are not read (the encoders of a text-only load, or tensors of a
+    layout the project does not map).
     """
 
     def __init__(self, config: Gemma4Config, description: str, directory: str | None = None, other=()):
@@ -60,6 +61,12 @@ class WeightSource:
 
     def leaves(self) -> tuple[Leaf, ...]:
         return param_spec.param_spec(self.config)
+
+    def drop_towers(self) -> WeightSource:
+        """The text decoder alone: the encoders' leaves are no longer read (they join `other`)."""
+        self.other += [leaf.name for leaf in self.leaves() if leaf.part != "text"]
+        self.config = self.config.text_only()
+        return self
 
     def has(self, leaf: Leaf) -> bool:
         """False for leaves the checkpoint does not store (the unused K/V of KV-shared readers)."""
@@ -313,10 +320,17 @@ def open_source(
     config_file: str | None = None,
     init_seed: int = 0,
     random_dtype="bfloat16",
+    text_only: bool = False,
 ) -> WeightSource:
     """The checkpoint `spec` (see the module doc), or random weights of `variant` / `config_file` / the demo preset
     when `spec` is None. For a checkpoint, `variant` / `config_file` force its config (a tensor that does not fit
-    is named in the error); quantized checkpoints carry their own and refuse them."""
+    is named in the error); quantized checkpoints carry their own and refuse them. `text_only` leaves the vision
+    and audio encoders unread."""
+    source = _open_source(spec, variant, config_file, init_seed, random_dtype, text_only)
+    return source.drop_towers() if text_only else source
+
+
+def _open_source(spec, variant, config_file, init_seed, random_dtype, text_only) -> WeightSource:
     if spec is None:
         config = given_config(variant, config_file) or get_config(DEMO_VARIANT)
         return RandomSource(config, init_seed, random_dtype)
@@ -331,11 +345,11 @@ def open_source(
     if kind == "hf":
         from gemma4_jax.hf_format import HFSource
 
-        return HFSource(path, given_config(variant, config_file))
+        return HFSource(path, given_config(variant, config_file), text_only)
     from gemma4_jax.orbax_format import OrbaxSource
 
     # Kaggle puts the tokenizer next to the orbax directory.
-    return OrbaxSource(path, variant, config_file, tokenizer_dir(path, root))
+    return OrbaxSource(path, variant, config_file, tokenizer_dir(path, root), text_only)
 
 
 def iterate(source: WeightSource, dtype=None, progress: files.Progress | None = None) -> Iterator[tuple[Leaf, object]]:

@@ -25,16 +25,19 @@ def hf_model(config: Gemma4Config, seed: int = 0) -> transformers.Gemma4ForCausa
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # tied to embed_tokens
-            if tensor.ndim <= 1 or name.endswith("layer_scalar"):
-                # norm scales, layer scalars, router scales: positive, clearly away from 1 and from each other
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-            else:
-                fan_in = tensor.shape[-1]
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in))
+            if name != "lm_head.weight":  # tied to embed_tokens
+                randomize_text_tensor(name, tensor, generator)
     model.tie_weights()
     return model
+
+
+def randomize_text_tensor(name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
+    if tensor.ndim <= 1 or name.endswith("layer_scalar"):
+        # norm scales, layer scalars, router scales: positive, clearly away from 1 and from each other
+        tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+    else:
+        fan_in = tensor.shape[-1]
+        tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in))
 
 
 @contextlib.contextmanager

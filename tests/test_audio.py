@@ -11,7 +11,6 @@ Tolerances (max abs over all soft tokens, which are O(2)): float64 1e-9 (the two
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import jax
@@ -20,102 +19,44 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_reference import full_float64
+from mm_reference import AUDIO_PREFIXES, hf_mm_model, hf_state, mm_float64, params_of
 
-from gemma4_jax import audio
+from gemma4_jax import audio, config, model, param_spec
 from gemma4_jax import audio_features as af
+from gemma4_jax.config import AudioConfig
 from gemma4_jax.errors import Gemma4Error
 from gemma4_jax.model import count_params, tree_get
 
 TOLERANCE = {"float64": 1e-9, "float32": 5e-4}
 CLIP_SAMPLES = (36_789, 20_000)  # 2.3 s and 1.25 s: 58 and 31 soft tokens, 231 mel frames after padding
-CFG = audio.get_audio_config("tiny")
-
-
-def _hf_config(cfg: audio.AudioConfig) -> transformers.Gemma4Config:
-    text = transformers.Gemma4TextConfig(
-        vocab_size=64,
-        hidden_size=cfg.text_embed_dim,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        global_head_dim=16,
-        layer_types=["full_attention"],
-        hidden_size_per_layer_input=0,
-        vocab_size_per_layer_input=64,
-        sliding_window=8,
-    )
-    audio_config = transformers.Gemma4AudioConfig(**cfg.to_hf_dict())
-    return transformers.Gemma4Config(text_config=text, audio_config=audio_config, vision_config=None)
-
-
-def _is_audio(name: str) -> bool:
-    return name.startswith(("model.audio_tower.", "model.embed_audio."))
+FULL = config.TINY_MM
+CFG = FULL.audio
 
 
 @pytest.fixture(scope="module")
 def reference():
     """(HF model, its audio tensors as numpy, features [2, T, 128], mask [2, T])."""
-    torch.manual_seed(0)
-    model = transformers.Gemma4ForConditionalGeneration(_hf_config(CFG)).eval()
-    generator = torch.Generator().manual_seed(0)
-
-    def uniform(lo, hi, shape=()):
-        return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=torch.float64)
-
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not _is_audio(name):
-                continue
-            if name.endswith(("input_min", "output_min")):
-                tensor.copy_(-uniform(1.5, 2.5))
-            elif name.endswith(("input_max", "output_max")):
-                tensor.copy_(uniform(1.5, 2.5))
-            elif name.endswith(("per_dim_scale", ".bias")):
-                tensor.copy_(torch.randn(tensor.shape, generator=generator))
-            elif tensor.ndim == 1:  # norm scales
-                tensor.copy_(uniform(0.5, 1.5, tensor.shape))
-            else:
-                taps = tensor.shape[-1] if name.endswith("depthwise_conv1d.weight") else tensor[0].numel()
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(taps))
-    state = {name: t.numpy().copy() for name, t in model.state_dict().items() if _is_audio(name)}
-
+    hf = hf_mm_model(FULL, seed=0)
+    state = {name: t for name, t in hf_state(hf).items() if name.startswith(AUDIO_PREFIXES)}
     rng = np.random.default_rng(0)
     t = np.arange(max(CLIP_SAMPLES)) / af.SAMPLE_RATE
     speechlike = 0.4 * np.sin(2 * np.pi * (200 + 300 * np.sin(3 * t)) * t) + 0.05 * rng.standard_normal(len(t))
     clips = [speechlike[:n].astype(np.float32) for n in CLIP_SAMPLES]
     features, mask = af.log_mel_features(clips)
-    return model, state, features, mask
+    return hf, state, features, mask
 
 
-@contextlib.contextmanager
-def audio_float64(model):
-    """transformers in float64 throughout: `full_float64` keeps RMSNorm's and the attention's `.float()` and the
-    softmax in float64; the relative-position timescales, a buffer computed in float32 at construction, are
-    recomputed in float64 (left in float32 they move the soft tokens by ~1.5e-8)."""
-    encoding = model.model.audio_tower.rel_pos_enc
-    saved = encoding.inv_timescales.clone()
-    half = encoding.hidden_size // 2
-    increment = math.log(1e4) / max(half - 1, 1)
-    with full_float64(), torch.no_grad():
-        model.double()
-        encoding.inv_timescales.copy_(torch.exp(torch.arange(half, dtype=torch.float64) * -increment)[None, None])
-        try:
-            yield
-        finally:
-            encoding.inv_timescales.copy_(saved)
-            model.float()
+def load(state, dtype=jnp.float32, cfg=FULL):
+    return params_of(cfg, state, np.dtype(dtype), parts=("audio",))
 
 
-def _hf_audio(model, features, mask, precision):
+def _hf_audio(hf, features, mask, precision):
     with torch.no_grad():
         if precision == "float64":
-            with audio_float64(model):
-                out = model.model.get_audio_features(torch.tensor(features, dtype=torch.float64), torch.tensor(mask))
+            with mm_float64(hf):
+                out = hf.model.get_audio_features(torch.tensor(features, dtype=torch.float64), torch.tensor(mask))
         else:
-            out = model.float().model.get_audio_features(torch.tensor(features), torch.tensor(mask))
+            out = hf.float().model.get_audio_features(torch.tensor(features), torch.tensor(mask))
     return out.last_hidden_state.numpy(), out.pooler_output.numpy(), out.attention_mask.numpy()
 
 
@@ -125,14 +66,14 @@ encode = jax.jit(audio.encode, static_argnames="config")
 
 @pytest.mark.parametrize("precision", ["float64", "float32"])
 def test_matches_hf_get_audio_features(reference, precision):
-    model, state, features, mask = reference
-    hf_embeddings, hf_tokens, hf_mask = _hf_audio(model, features, mask, precision)
+    hf, state, features, mask = reference
+    hf_embeddings, hf_tokens, hf_mask = _hf_audio(hf, features, mask, precision)
     with jax.enable_x64(precision == "float64"):
-        params = audio.load_audio_from_hf(state.get, CFG, dtype=jnp.dtype(precision))
+        params = load(state, precision)
         tokens, token_mask = forward(params, features, mask, config=CFG)
         embeddings, _ = encode(params, features, mask, config=CFG)
         tokens, token_mask, embeddings = np.asarray(tokens), np.asarray(token_mask), np.asarray(embeddings)
-    assert tokens.dtype == np.dtype(precision) and tokens.shape == hf_tokens.shape == (2, 58, CFG.text_embed_dim)
+    assert tokens.dtype == np.dtype(precision) and tokens.shape == hf_tokens.shape == (2, 58, FULL.embed_dim)
     assert np.array_equal(token_mask, hf_mask)
     assert [int(m.sum()) for m in token_mask] == [af.num_audio_tokens(n) for n in CLIP_SAMPLES] == [58, 31]
     # every frame, the padding ones included: the computation is the same, not just its valid part
@@ -142,7 +83,7 @@ def test_matches_hf_get_audio_features(reference, precision):
     assert embedding_error <= TOLERANCE[precision], f"{precision}: encoder output max abs error {embedding_error:.3g}"
     # HF then keeps only the valid tokens, clip after clip
     kept = audio.valid_tokens(tokens, token_mask)
-    assert kept.shape == (89, CFG.text_embed_dim)
+    assert kept.shape == (89, FULL.embed_dim)
     assert np.abs(kept - hf_tokens[hf_mask]).max() <= TOLERANCE[precision]
 
 
@@ -151,7 +92,7 @@ def test_padding_does_not_reach_valid_tokens(reference):
     _, state, features, mask = reference
     short = af.log_mel_features(np.zeros(CLIP_SAMPLES[1], np.float32))[0].shape[1]
     with jax.enable_x64(True):
-        params = audio.load_audio_from_hf(state.get, CFG, dtype=jnp.float64)
+        params = load(state, jnp.float64)
         batched, batched_mask = forward(params, features, mask, config=CFG)
         alone, alone_mask = forward(params, features[1:, :short], mask[1:, :short], config=CFG)
         garbage = np.where(mask[..., None], features, 7.0)  # padding frames filled with junk
@@ -164,56 +105,47 @@ def test_padding_does_not_reach_valid_tokens(reference):
     )
 
 
-# ----- the mapping ---------------------------------------------------------------------------------------------
+# ----- the spec's HF names -------------------------------------------------------------------------------------
 
 
-def test_mapping_covers_hf_state_dict(reference):
-    """Every HF audio tensor (clip buffers included) has exactly one row, with the right shape both ways."""
+def test_spec_round_trips_every_hf_tensor(reference):
+    """Every HF audio tensor (clip buffers included) is one spec name, and loading then writing gives it back bit
+    for bit."""
     _, state, _, _ = reference
-    rows = audio.audio_mapping(CFG)
-    assert sorted(name for _, name, _ in rows) == sorted(state)
-    assert len({path for path, _, _ in rows}) == len(rows)
-    shapes = audio.audio_param_shapes(CFG)
-    for path, name, transform in rows:
-        leaf = tree_get(shapes, path)
-        assert audio.TO_HF[transform](np.zeros(leaf.shape)).shape == state[name].shape, name
+    params = load(state)
+    written = {
+        "model." + name: array
+        for leaf in param_spec.param_spec(FULL)
+        if leaf.part == "audio"
+        for name, array in zip(leaf.hf, leaf.to_hf(np.asarray(tree_get(params, leaf.path))), strict=True)
+    }
+    assert sorted(written) == sorted(state)
+    for name, value in written.items():
+        assert value.dtype == np.float32 and np.array_equal(value, state[name]), name
 
 
-def test_mapping_full_size_against_hf_tower():
-    """The E2B table against the real-size HF audio tower, built on torch's meta device (no memory)."""
-    cfg = audio.get_audio_config("e2b")
+def test_full_size_spec_against_hf_tower():
+    """The E2B entries against the real-size HF audio tower, built on torch's meta device (no memory)."""
+    cfg = config.E2B
     with torch.device("meta"):
-        tower = transformers.Gemma4AudioModel(transformers.Gemma4AudioConfig(**cfg.to_hf_dict()))
-    hf = {"model.audio_tower." + name: tuple(t.shape) for name, t in tower.state_dict().items()}
-    hf["model.embed_audio.embedding_projection.weight"] = (cfg.text_embed_dim, cfg.output_dim)
-    shapes = audio.audio_param_shapes(cfg)
-    rows = audio.audio_mapping(cfg)
-    assert sorted(name for _, name, _ in rows) == sorted(hf)
-    for path, name, transform in rows:
-        leaf = tree_get(shapes, path)
-        assert audio.TO_HF[transform](np.zeros(leaf.shape, np.int8)).shape == hf[name], name
-    assert sum(math.prod(s) for n, s in hf.items() if n.startswith("model.audio_tower.")) == 304_825_088
-
-
-def test_hf_roundtrip(reference):
-    _, state, _, _ = reference
-    params = audio.load_audio_from_hf(state.get, CFG)
-    for out in (audio.audio_to_hf(params, CFG), audio.audio_to_hf(params)):
-        assert sorted(out) == sorted(state)
-        for name, value in out.items():
-            assert value.dtype == np.float32 and np.array_equal(value, state[name]), name
+        tower = transformers.Gemma4AudioModel(transformers.Gemma4AudioConfig(**cfg.audio.to_hf_dict()))
+    hf = {"audio_tower." + name: tuple(t.shape) for name, t in tower.state_dict().items()}
+    hf["embed_audio.embedding_projection.weight"] = (cfg.embed_dim, cfg.audio.output_dim)
+    ours = {name: shape for leaf, name, shape in param_spec.hf_tensors(cfg) if leaf.part == "audio"}
+    assert ours == hf
+    assert sum(math.prod(s) for n, s in hf.items() if n.startswith("audio_tower.")) == 304_825_088
 
 
 def test_loader_errors(reference):
     _, state, _, _ = reference
     missing = dict(state)
     del missing["model.audio_tower.layers.1.self_attn.post.output_max"]
-    with pytest.raises(Gemma4Error, match=r"missing audio tensors model\.audio_tower\.layers\.1\.self_attn\.post"):
-        audio.load_audio_from_hf(missing.get, CFG)
+    with pytest.raises(Gemma4Error, match=r"missing tensors model\.audio_tower\.layers\.1\.self_attn\.post"):
+        load(missing)
     wrong = dict(state)
     wrong["model.audio_tower.layers.0.self_attn.relative_k_proj.weight"] = np.zeros((64, 32), np.float32)
     with pytest.raises(Gemma4Error, match="shape mismatch for audio_encoder/conformer/stacked_layers_0/"):
-        audio.load_audio_from_hf(wrong.get, CFG)
+        load(wrong)
 
 
 # ----- config and parameter tree ------------------------------------------------------------------------------------
@@ -222,8 +154,7 @@ def test_loader_errors(reference):
 @pytest.mark.parametrize("name, text_dim", [("e2b", 1536), ("e4b", 2560)])
 def test_full_size_parameter_count(name, text_dim):
     """Spec §4.2/§7.1: 304 825 088 encoder parameters (incl. output projection and clip scalars), shapes only."""
-    cfg = audio.get_audio_config(name)
-    shapes = audio.audio_param_shapes(cfg)
+    shapes = model.param_shapes(config.get_config(name))
     assert count_params(shapes["audio_encoder"]) == 304_825_088
     assert shapes["embedder"]["audio_input_projection"]["w"].shape == (1536, text_dim)
     encoder = shapes["audio_encoder"]
@@ -253,16 +184,15 @@ def test_full_size_parameter_count(name, text_dim):
 
 def test_config_hf_roundtrip():
     for name in ("e2b", "e4b", "tiny"):
-        cfg = audio.get_audio_config(name)
+        cfg = config.get_audio_config(name)
         hf = transformers.Gemma4AudioConfig(**cfg.to_hf_dict())
-        back = audio.AudioConfig.from_hf_dict(hf.to_dict(), text_embed_dim=cfg.text_embed_dim, name=name)
-        assert back == cfg
+        assert AudioConfig.from_hf_dict(hf.to_dict(), name=name) == cfg
     # config.json omits defaults: an empty dict is the E2B/E4B tower
-    assert audio.AudioConfig.from_hf_dict({}, 1536, name="e2b") == audio.get_audio_config("e2b")
+    assert AudioConfig.from_hf_dict({}, name="e2b") == config.get_audio_config("e2b")
     with pytest.raises(Gemma4Error, match="unknown audio config"):
-        audio.get_audio_config("e9b")
+        config.get_audio_config("e9b")
     with pytest.raises(Gemma4Error, match="multiple of num_heads"):
-        audio.AudioConfig("bad", hidden_size=100, num_heads=8)
+        AudioConfig("bad", hidden_size=100, num_heads=8)
     with pytest.raises(Gemma4Error, match="cannot be expressed for transformers"):
         CFG.replace(subsampling_channels=(64, 8)).to_hf_dict()
 
@@ -270,17 +200,23 @@ def test_config_hf_roundtrip():
 def test_random_init_runs_in_every_dtype():
     features, mask = af.log_mel_features([np.zeros(9_000, np.float32), 0.1 * np.ones(4_000, np.float32)])
     for dtype in (jnp.float32, jnp.bfloat16):
-        params = audio.init_audio_params(CFG, seed=1, dtype=dtype)
-        tokens, token_mask = forward(params, features, mask, config=CFG)
-        assert tokens.dtype == dtype and tokens.shape == (2, -(-features.shape[1] // 4), CFG.text_embed_dim)
+        params = _towers(model.init_params(FULL, seed=1, dtype=dtype))
+        tokens, token_mask = forward(
+            jax.tree_util.tree_map(lambda a, dtype=dtype: a.astype(dtype), params), features, mask, config=CFG
+        )
+        assert tokens.dtype == dtype and tokens.shape == (2, -(-features.shape[1] // 4), FULL.embed_dim)
         assert [int(m.sum()) for m in token_mask] == [af.num_audio_tokens(9_000), af.num_audio_tokens(4_000)]
         assert bool(jnp.all(jnp.isfinite(tokens)))
-    reference = np.asarray(forward(audio.init_audio_params(CFG, seed=1), features, mask, config=CFG)[0])
+    reference = np.asarray(forward(_towers(model.init_params(FULL, seed=1)), features, mask, config=CFG)[0])
     assert np.abs(np.asarray(tokens, np.float32) - reference)[np.asarray(token_mask)].max() < 0.1
 
 
+def _towers(params):
+    return {"audio_encoder": params["audio_encoder"], "embedder": params["embedder"]}
+
+
 def test_bad_encoder_inputs():
-    params = audio.init_audio_params(CFG)
+    params = _towers(model.init_params(FULL, dtype=jnp.float32))
     features, mask = af.log_mel_features(np.zeros(4_000, np.float32))
     with pytest.raises(Gemma4Error, match=r"\[batch, frames, 128\]"):
         audio.encode(params, features[..., :64], mask, CFG)

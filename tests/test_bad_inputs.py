@@ -383,3 +383,91 @@ def test_outputs_get_the_umask_mode_and_killed_runs_are_cleaned_up(ckpt, tmp_pat
     assert stat.S_IMODE(os.stat(tmp_path / "x.npy").st_mode) == 0o644
     for name in os.listdir(tmp_path / "q"):
         assert stat.S_IMODE(os.stat(tmp_path / "q" / name).st_mode) == 0o644, name
+
+
+# ----- images and audio ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mm_ckpt(tmp_path_factory):
+    """A tiny multimodal HF checkpoint (vision and audio encoders) with its tokenizer, and a folder of media."""
+    root = tmp_path_factory.mktemp("mm")
+    path = str(root / "tiny_mm")
+    cfg = config.get_config("tiny_mm")
+    hf_format.save_hf_checkpoint(path, cfg, model.init_params(cfg, 0, jnp.float32))
+    write_tokenizer(path)
+    media = root / "media"
+    media.mkdir()
+    (media / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    (media / "empty.wav").write_bytes(b"")
+    (media / "notes.txt").write_text("not audio at all")
+    (media / "voice.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A ")
+    import soundfile
+
+    soundfile.write(str(media / "silence.wav"), np.zeros(0, np.float32), 16_000)
+    soundfile.write(str(media / "tone.wav"), np.sin(np.arange(8_000) / 5).astype(np.float32), 16_000)
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(media / "gray.png")
+    return path, media
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--image", "{media}/corrupt.png"], "cannot read image {media}/corrupt.png"),
+        (["--image", "{media}/missing.png"], "image file not found: {media}/missing.png"),
+        (["--image", "{media}/gray.png", "--image-tokens", "300"], "budget 300 is not one of 70, 140, 280, 560, 1120"),
+        (["--prompt-ids", "2,62,62", "--image", "{media}/gray.png"], "2 image placeholder(s) (<|image|>) but 1 image"),
+        (["--prompt-ids", "2,62", "--image", "{media}/gray.png", "--image", "{media}/gray.png"], "but 2 image(s)"),
+        (["--prompt-ids", "2,63"], "1 audio placeholder(s) (<|audio|>) but 0 audio"),
+        (["--audio", "{media}/empty.wav"], "{media}/empty.wav: not a readable audio file"),
+        (["--audio", "{media}/notes.txt"], "{media}/notes.txt: not a readable audio file"),
+        (["--audio", "{media}/silence.wav"], "{media}/silence.wav: the file contains no audio samples"),
+        (
+            ["--audio", "{media}/voice.m4a"],
+            ".m4a audio cannot be decoded by libsndfile; convert it first, e.g. `ffmpeg",
+        ),
+    ],
+)
+def test_bad_media(capsys, mm_ckpt, argv, match):
+    path, media = mm_ckpt
+    argv = [a.format(media=media) for a in argv]
+    prompt = [] if "--prompt-ids" in argv else ["--prompt", "look"]
+    fails(
+        capsys,
+        "generate",
+        "--checkpoint",
+        path,
+        *prompt,
+        *argv,
+        "--max-new-tokens",
+        "2",
+        match=match.format(media=media),
+    )
+
+
+def test_media_to_a_model_without_that_encoder(capsys, ckpt, mm_ckpt, tmp_path):
+    path, media = mm_ckpt
+    image, clip = str(media / "gray.png"), str(media / "tone.wav")
+    fails(capsys, "generate", "--checkpoint", ckpt, "--prompt", "look", "--image", image, match="tiny has no vision")
+    fails(capsys, "generate", "--checkpoint", path, "--text-only", "--prompt-ids", "2,62", "--image", image,
+          match="has no vision encoder: it cannot take images")  # fmt: skip
+    # a 31B-style model has no audio tower
+    fails(capsys, "generate", "--variant", "tiny_mm_bidi", "--prompt-ids", "2,63", "--audio", clip,
+          match="tiny_mm_bidi has no audio encoder: audio needs E2B or E4B")  # fmt: skip
+    with pytest.raises(Gemma4Error, match="tiny has no vision encoder"):
+        api.load(ckpt).generate("look", images=[image])
+
+
+def test_chat_media_errors_keep_the_conversation(mm_ckpt):
+    """A bad /image or /audio in chat is one error line; the chat goes on, and the next good turn answers."""
+    path, media = mm_ckpt
+    script = f"/image {media}/corrupt.png\n/audio {media}/notes.txt\n/image {media}/gray.png\nhello\n/quit\n"
+    result = run_cli("chat", "--checkpoint", path, "--image-tokens", "70", "--max-new-tokens", "2",
+                     stdin=script.encode())  # fmt: skip
+    err, out = result.stderr.decode(), result.stdout.decode()
+    assert result.returncode == 0, err
+    errors = [line for line in err.splitlines() if "gemma4-jax:" in line]
+    assert len(errors) == 2 and "cannot read image" in errors[0] and "not a readable audio file" in errors[1]
+    assert "(image attached to your next message)" in err and "model> " in out

@@ -142,7 +142,7 @@ def test_config_weights_shape_mismatch(saved):
 def test_config_with_more_layers_than_weights(saved):
     layer_types = json.loads((saved / "config.json").read_text())["layer_types"]
     _edit_config(saved, num_hidden_layers=9, layer_types=layer_types + layer_types[:3])
-    with pytest.raises(Gemma4Error, match=r"missing tensors layers\.6\."):
+    with pytest.raises(Gemma4Error, match=r"missing tensors model\.layers\.6\."):
         hf_format.load_hf_checkpoint(str(saved))
 
 

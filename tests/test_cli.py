@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import spec_numbers as spec
 from references import gemma4_chat_template
 from tokenizer_fixture import write_tokenizer
 
@@ -92,8 +93,10 @@ def test_info_reports_spec_counts(capsys):
     code, out, _ = _run(capsys, "info", "--variant", "e2b", "--json")
     info = json.loads(out)
     assert code == 0
-    assert info["params (official tree)"] == "4,647,449,891"
-    assert info["params without PLE table"] == "2,279,759,139"
+    assert info["params (official tree)"] == f"{spec.TOTAL_JAX['e2b']:,}"
+    assert info["text decoder (HF tree)"] == f"{spec.TEXT_HF['e2b']:,}"
+    assert info["vision encoder + projection"] == f"{spec.VISION_WITH_PROJECTION['e2b']:,}"
+    assert info["audio encoder + projection"] == f"{spec.AUDIO_WITH_PROJECTION['e2b']:,}"
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """Config presets and derived facts against the numbers of the architecture spec (§1, §7)."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +14,9 @@ from gemma4_jax.config import Gemma4Config, Gemma4Error
 
 @pytest.mark.parametrize("variant", config.OFFICIAL_VARIANTS)
 def test_param_count_equals_official_jax_tree(variant):
-    shapes = model.param_shapes(config.get_config(variant))
+    cfg = config.get_config(variant)
+    assert model.count_params(model.param_shapes(cfg)) == spec.TOTAL_JAX[variant]
+    shapes = model.param_shapes(cfg.text_only())
     # spec §7.1: total JAX tree minus vision encoder, audio encoder and mm projections = the text-only JAX tree.
     text_jax_tree = (
         spec.TOTAL_JAX[variant]
@@ -97,16 +101,32 @@ def test_embedding_scale_rounds_to_bf16():
 def test_hf_config_round_trip(name):
     cfg = config.get_config(name)
     assert Gemma4Config.from_hf_dict(cfg.to_hf_dict(), name=name) == cfg
-    # transformers' own config class accepts the dict, and what it writes back (with `per_layer_config` for the
+    # transformers' own config classes accept the dict, and what they write back (with `per_layer_config` for the
     # global-layer overrides) reads back to the same config
-    hf = transformers.Gemma4TextConfig(**cfg.to_hf_dict())
-    assert Gemma4Config.from_hf_dict(hf.to_dict(), name=name) == cfg
-    assert hf.kv_sharing_modes.count("reuse") == cfg.num_kv_shared_layers
+    text = transformers.Gemma4TextConfig(**cfg.text_only().to_hf_dict())
+    # a text config carries no media token ids: they read back as the official ones
+    media_ids = {f.name: f.default for f in dataclasses.fields(Gemma4Config) if f.name.endswith("_token_id")}
+    assert Gemma4Config.from_hf_dict(text.to_dict(), name=name) == cfg.text_only().replace(**media_ids)
+    assert text.kv_sharing_modes.count("reuse") == cfg.num_kv_shared_layers
+    if cfg.multimodal:
+        hf = transformers.Gemma4Config(**cfg.to_hf_dict())
+        assert Gemma4Config.from_hf_dict(hf.to_dict(), name=name) == cfg
+        assert (hf.vision_config is None) == (cfg.vision is None)
+        assert (hf.audio_config is None) == (cfg.audio is None)
 
 
-def test_multimodal_config_json_reads_text_config():
-    d = {"model_type": "gemma4", "text_config": config.E2B.to_hf_dict(), "vision_config": {}}
-    assert Gemma4Config.from_hf_dict(d, name="e2b") == config.E2B
+def test_official_variants_have_their_towers():
+    """Every variant sees; only E2B and E4B hear (spec §4)."""
+    for cfg in (config.E2B, config.E4B, config.G31B, config.G26B_A4B):
+        assert cfg.vision is not None
+        assert (cfg.audio is not None) == (cfg.name in ("e2b", "e4b"))
+    assert config.G31B.vision.standardize and not config.E2B.vision.standardize
+    assert config.E2B.vision.clipped_linears and not config.G31B.vision.clipped_linears
+
+
+def test_multimodal_config_json_without_towers_reads_as_text_only():
+    d = {"model_type": "gemma4", "text_config": config.E2B.text_only().to_hf_dict(), "vision_config": None}
+    assert Gemma4Config.from_hf_dict(d, name="e2b") == config.E2B.text_only()
 
 
 @pytest.mark.parametrize(

@@ -182,14 +182,14 @@ def dequantized_params(path: str, cfg):
     """The parameter tree of the weights as stored in the GGUF file, dequantized by gguf-py."""
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
 
-    def read(hf_name: str):
-        tensor = tensors.get(gguf_names(cfg).get(hf_name))
+    def read(full_name: str):
+        tensor = tensors.get(gguf_names(cfg).get(full_name.removeprefix("model.")))
         if tensor is None:
             return None  # KV-shared readers' K/V (not in the file, unused by the model)
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         return np.asarray(values, np.float32).reshape([int(n) for n in reversed(tensor.shape)])
 
-    return hf_format.params_from_hf(cfg, read, jnp.float32, source=path)
+    return hf_format.params_from_hf(cfg, read, jnp.float32, text_prefix="model.", source=path)
 
 
 def _check_greedy(ours: list[int], theirs: list[int], full_logits: np.ndarray, err: float, what: str) -> None:
@@ -425,7 +425,7 @@ def test_bf16_checkpoint_exports_exact_values(tmp_path, capsys, tokenizer_dir):
     ckpt = str(tmp_path / "ckpt")
     params = model.init_params(cfg, 5, jnp.bfloat16)
     hf_format.save_hf_checkpoint(ckpt, cfg, params)
-    hf = dict(hf_format.params_to_hf(cfg, params, prefix=""))
+    hf = dict(hf_format.params_to_hf(cfg, params, text_prefix=""))
     for quant in ("bf16", "f32"):
         out = str(tmp_path / f"{quant}.gguf")
         code, _, err = _cli(

@@ -46,17 +46,25 @@ def test_parameter_counts_equal_spec(variant):
 
 @pytest.mark.parametrize("quant", list(SPEC_WEIGHT_GIB))
 def test_weight_bytes_equal_spec(quant):
+    """Spec §7.1 prices the whole HF tree in the format; the planner prices the text parts so and adds the encoders
+    in float32, as this library holds them (never quantized)."""
     for variant, gib in SPEC_WEIGHT_GIB[quant].items():
         p = memory.plan(variant, quant)
-        assert f"{p.weight_bytes / 2**30:.2f}" == gib, (variant, quant)
+        towers = [part for part in p.parts if part.name in ("vision", "audio")]
+        assert all(part.bytes == 4 * part.params for part in towers)
+        tower_params = sum(part.params for part in towers)
+        in_format = memory.plan(variant, quant, text_only=True).weight_bytes + memory.weight_bytes(tower_params, quant)
+        assert f"{in_format / 2**30:.2f}" == gib, (variant, quant)
         assert p.weight_bytes == sum(part.bytes for part in p.parts if part.params is not None)
+        assert p.weight_bytes == in_format - memory.weight_bytes(tower_params, quant) + 4 * tower_params
     # exact bytes per weight: bf16 2, 8-bit 1, Q4_0 18 bytes per block of 32
-    n = spec.TOTAL_HF["e2b"]
+    n = spec.TEXT_HF["e2b"]
     exact = {"bf16": 2 * n, "sfp8": n, "int8": n, "q4_0": None}[quant]
+    text = memory.plan("e2b", quant, text_only=True).weight_bytes
     if exact is not None:
-        assert memory.plan("e2b", quant).weight_bytes == exact
+        assert text == exact
     else:
-        assert abs(memory.plan("e2b", quant).weight_bytes - n * 18 / 32) < 6  # <= 1 byte rounded up per part
+        assert abs(text - n * 18 / 32) < 4  # <= 1 byte rounded up per part
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -100,7 +108,8 @@ def test_device_bytes_e2b_with_and_without_ple_table():
 def test_cli_table_and_json(capsys):
     assert cli.main(["memory", "--variant", "e2b"]) == 0
     out = capsys.readouterr().out
-    assert "9.51 GiB" in out and "30.00 MiB" in out and "72.00 MiB" in out and "spec §7.1 constant" in out
+    assert "30.00 MiB" in out and "72.00 MiB" in out
+    assert "vision" in out and f"{spec.VISION_WITH_PROJECTION['e2b']:,}" in out and "float32" in out
     assert cli.main(["memory", "--variant", "e4b", "--quant", "q4_0", "--ple", "host", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     parts = {p["name"]: p for p in d["parts"]}

@@ -56,14 +56,38 @@ def derived(cfg, numeric: bool) -> dict:
 
 @pytest.mark.parametrize("name", config.PRESETS)
 def test_one_entry_per_leaf_of_the_model(name):
+    """The text entries are exactly the leaves the Flax decoder declares; the encoders' entries are checked against
+    transformers' module tree (`test_hf_names_equal_transformers`) and by the encoders' parity tests."""
     cfg = config.get_config(name)
-    model_leaves = {
+    decoder_leaves = {
         tuple(k.key for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(model.param_shapes(cfg))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(model.decoder_param_shapes(cfg))
     }
     spec = param_spec.param_spec(cfg)
     assert len({leaf.path for leaf in spec}) == len(spec)  # exactly one entry each
-    assert {leaf.path: leaf.shape for leaf in spec} == model_leaves
+    assert {leaf.path: leaf.shape for leaf in spec if leaf.part == "text"} == decoder_leaves
+    towers = {"vision": cfg.vision, "audio": cfg.audio}
+    assert {leaf.part for leaf in spec} == {"text"} | {part for part, tower in towers.items() if tower}
+
+
+@pytest.mark.parametrize("name", ["tiny_mm", "tiny_mm_bidi", "e2b", "31b"])
+def test_hf_names_equal_transformers(name):
+    """Every HF tensor name and shape the spec derives is one of transformers' Gemma4ForConditionalGeneration (built
+    on the meta device), and the reverse, save tensors transformers keeps and the checkpoints don't."""
+    import torch
+    import transformers
+
+    cfg = config.get_config(name)
+    with torch.device("meta"):
+        hf = transformers.Gemma4ForConditionalGeneration(transformers.Gemma4Config(**cfg.to_hf_dict()))
+    theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied
+    prefix = "model.language_model."
+    ours = {
+        (prefix if leaf.part == "text" else "model.") + name: shape
+        for leaf, name, shape in param_spec.hf_tensors(cfg)
+        if not leaf.unused
+    }
+    assert ours == theirs
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -76,7 +100,9 @@ def test_derived_tables_equal_the_snapshot(snapshot, name):
 
 @pytest.mark.parametrize("name", config.OFFICIAL_VARIANTS)
 def test_official_variants_equal_the_snapshot(snapshot, name):
-    got = derived(config.get_config(name), numeric=False) | {"litert": {}}  # LiteRT views: tiny configs only
+    got = derived(config.get_config(name).text_only(), numeric=False) | {
+        "litert": {}
+    }  # LiteRT views: tiny configs only
     digest = hashlib.sha256(json.dumps(got, sort_keys=True).encode()).hexdigest()
     assert digest == snapshot[name]["sha256"]
 

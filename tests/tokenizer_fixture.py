@@ -3,7 +3,8 @@
 `write_tokenizer(directory)` writes the files a Gemma 4 checkpoint ships:
 - `tokenizer.model`: a SentencePiece BPE model with byte fallback, trained here on a fixed text, whose special
   tokens sit at the real Gemma 4 ids (pad 0, eos 1, bos 2, unk 3, mask 4, <|tool> 46 ... <|"|> 52, <|think|> 98,
-  <|channel> 100, <channel|> 101, <|turn> 105, <turn|> 106; the ids were read from llama.cpp's Gemma 4 vocab),
+  <|channel> 100, <channel|> 101, <|turn> 105, <turn|> 106; the ids were read from llama.cpp's Gemma 4 vocab), and
+  the image/audio markers at the ids of the tiny multimodal presets (60-66),
 - `tokenizer.json` + `tokenizer_config.json`: transformers' own conversion of that model (GemmaTokenizer), i.e.
   what an HF checkpoint ships,
 - optionally `chat_template.jinja`.
@@ -27,6 +28,14 @@ GEMMA4_SPECIAL_IDS = {
     50: "<|tool_response>",
     51: "<tool_response|>",
     52: '<|"|>',
+    # the image/audio markers sit at the ids of the tiny multimodal presets (the real ones are 255 999 and up)
+    60: "<|image>",
+    61: "<|audio>",
+    62: "<|image|>",
+    63: "<|audio|>",
+    64: "<image|>",
+    65: "<audio|>",
+    66: "<|video|>",
     98: "<|think|>",
     100: "<|channel>",
     101: "<channel|>",
@@ -34,6 +43,15 @@ GEMMA4_SPECIAL_IDS = {
     106: "<turn|>",
 }
 _FIRST_NORMAL_ID = 107
+# The tokenizer attributes transformers' Gemma4Processor reads (`tokenizer.image_token`, ...).
+NAMED_TOKENS = {
+    "image_token": "<|image|>",
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "audio_token": "<|audio|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+}
 
 _TEXT = """\
 The quick brown fox jumps over the lazy dog. A model answers questions about the weather, maths and cooking.
@@ -92,7 +110,8 @@ def write_tokenizer(directory: str, vocab_size: int = 512, chat_template: str | 
         with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
             f.write(_trained(vocab_size))
         specials = [p for i, p in sorted(GEMMA4_SPECIAL_IDS.items()) if p != "<mask>"]
-        hf = GemmaTokenizer.from_pretrained(tmp, extra_special_tokens=specials)
+        hf = GemmaTokenizer.from_pretrained(tmp, extra_special_tokens=NAMED_TOKENS)
+        hf.add_special_tokens({"additional_special_tokens": [p for p in specials if p not in NAMED_TOKENS.values()]})
         if chat_template is not None:
             hf.chat_template = chat_template
         hf.save_pretrained(tmp)

@@ -13,7 +13,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from gemma4_jax import files, sources
+from gemma4_jax import files, param_spec, sources
 from gemma4_jax.model import tree_get
 from gemma4_jax.train import lora
 
@@ -31,8 +31,8 @@ def merge(source: sources.WeightSource, adapter_dir: str, out: str, *, dtype=Non
     adapters, lora_config = lora.load_peft(adapter_dir, config)
     adapted = {t.path: t for t in lora.targets_of(config, adapters)}
     target = parse_dtype(dtype)
-    dtypes = {
-        leaf.path: np_dtype(target) if target is not None else source.dtype(leaf)
+    dtypes = {  # the encoders stay in at least float32, as they run
+        leaf.path: np_dtype(param_spec.leaf_dtype(leaf, target)) if target is not None else source.dtype(leaf)
         for leaf in source.leaves()
         if not leaf.unused
     }

@@ -4,7 +4,8 @@ The three targets differ on purpose, each following what its runtime (or its ref
 - JAX (`JaxPolicy`): our own quantized checkpoints. Under 4-bit formats every lookup table and PLE projection keeps
   8 bits: 4 bits there roughly doubles the error (toolchain notes; Google's mobile file keeps per-layer parts at 8
   bits), the token embedding is also the tied LM head whose error lands on every logit, and the PLE table is only
-  gathered (it costs memory, not decode bandwidth). The router stays float: it decides which experts run.
+  gathered (it costs memory, not decode bandwidth). The router stays float: it decides which experts run; so do
+  the vision and audio encoders (small, and run once per image or clip).
 - GGUF (`gguf_type`): what llama.cpp's own tools write, so our files equal theirs: `convert_hf_to_gguf.py` keeps
   1-D tensors and the router in f32; `llama-quantize ... Q4_0` leaves the PLE context projection in f16 and puts
   the two embedding tables in Q6_K (we have no Q6_K encoder and use Q8_0, llama-quantize's own fallback for them),
@@ -28,6 +29,7 @@ from gemma4_jax.param_spec import (
     PLE_TABLE,
     ROUTER,
     SCALE,
+    TOWER,
     Leaf,
 )
 from gemma4_jax.quant.codecs import FLOAT, FORMATS, GGML_BLOCK, QuantSpec
@@ -101,7 +103,7 @@ class JaxPolicy:
         for pattern, spec in self.overrides:
             if fnmatch.fnmatchcase(leaf.name, pattern):
                 return self._fit(spec, leaf)
-        if not leaf.quantizable or leaf.quant in (SCALE, ROUTER):
+        if not leaf.quantizable or leaf.quant in (SCALE, ROUTER, TOWER):
             return QuantSpec(FLOAT)
         spec = self.base_spec()
         if self.format in _EIGHT_BIT and leaf.quant in (EMBEDDING, PLE_TABLE, PLE_PROJECTION, PLE_GATE):
