@@ -506,7 +506,8 @@ def cmd_finetune(args) -> int:
     if not (args.tokenizer or source.directory):
         raise Gemma4Error("--tokenizer DIR is needed with random weights (no checkpoint to read it from)")
     model_tokenizer = api.load_tokenizer_of(args.tokenizer or source.directory, required=True)
-    dataset = data.load_dataset(args.data, model_tokenizer, args.seq_len)  # bad data fails before loading weights
+    # bad data (and bad media files) fail before the weights are loaded
+    dataset = data.load_dataset(args.data, model_tokenizer, args.seq_len, source.config, args.image_tokens)
     model = api.load(source, dtype=args.dtype, tokenizer=args.tokenizer)
     prefix = text_prefix(source.files.names()) if isinstance(source, HFSource) else "model."
     summary = finetune.finetune(
@@ -707,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch", type=int, default=4, help="rows per micro-batch")
     ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ft.add_argument("--seq-len", type=int, default=512, help="packed row length")
+    ft.add_argument(
+        "--image-tokens", type=int, default=280, help="soft tokens per image in the data: 70, 140, 280, 560, 1120"
+    )
     ft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (warmup, then cosine to 10 %%)")
     ft.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10 %% of --steps, <= 100)")
     ft.add_argument("--weight-decay", type=float, default=0.0)

@@ -6,6 +6,11 @@ Inputs:
   `{"text": "..."}` (continued pre-training: loss on every token). Blank lines are skipped; any other malformed
   line is an error naming the file and line (nothing is silently skipped).
 - `.txt` files: each file is one document (continued pre-training).
+- Images and audio: a user message's content may be a list of parts, `{"type": "text", "text": ...}`,
+  `{"type": "image", "image": "photo.jpg"}`, `{"type": "audio", "audio": "clip.wav"}` (paths relative to the JSONL
+  file). They are read when the data is loaded (a bad file is reported then), their placeholders widened to their
+  soft-token slots, and `embed_media` fills those with the model's frozen encoders before training: the encoders
+  run once per example, and the decoder learns from the embeddings they give.
 Lengths: a chat longer than `seq_len + 1` tokens is dropped (cutting it would train on half an answer); the
 count is reported, and a dataset with nothing left is an error. Documents are cut into `seq_len + 1`-token
 windows that overlap by one token, so every token is a target exactly once.
@@ -33,8 +38,10 @@ END_OF_TURN = "<turn|>"
 
 @dataclasses.dataclass
 class Example:
-    tokens: np.ndarray  # [n] int32, starting with <bos>
+    tokens: np.ndarray  # [n] int32, starting with <bos> (media placeholders widened to their slots)
     weights: np.ndarray  # [n] float32: 1 where token j is a target (predicted from tokens[:j])
+    media: list = dataclasses.field(default_factory=list)  # multimodal.Image / Audio, in slot order
+    soft: object = None  # multimodal.SoftTokens of `tokens`, once `embed_media` ran
 
 
 def chat_example(tokenizer, messages: Sequence[dict]) -> Example:
@@ -66,6 +73,61 @@ def chat_example(tokenizer, messages: Sequence[dict]) -> Example:
     return Example(np.asarray(tokens, np.int32), weights)
 
 
+def _media_example(example: Example, media: list, config) -> Example:
+    """The example with each media placeholder widened to its slots (`multimodal.expand`); the slots are inputs,
+    never targets."""
+    from gemma4_jax import multimodal
+
+    tokens = multimodal.expand(example.tokens.tolist(), media, config)
+    weights = np.zeros(len(tokens), np.float32)
+    placeholders = (config.image_token_id, config.audio_token_id)
+    j = 0  # position in the widened tokens
+    for token, weight in zip(example.tokens.tolist(), example.weights, strict=True):
+        if token in placeholders:
+            while tokens[j] != token:  # the opening marker
+                j += 1
+            while j < len(tokens) and tokens[j] == token:
+                j += 1
+            j += 1  # the closing marker
+        else:
+            weights[j] = weight
+            j += 1
+    return Example(np.asarray(tokens, np.int32), weights, media)
+
+
+def _load_media(messages, root: str, config, image_tokens: int, where: str) -> list:
+    from gemma4_jax import multimodal
+
+    media = []
+    for k, message in enumerate(messages):
+        for part in message["content"] if isinstance(message["content"], list) else ():
+            kind = part["type"]
+            if kind not in ("image", "audio"):
+                continue
+            if config is None:
+                raise Gemma4Error(f"{where}: message {k} has an {kind}, and no model config was given to expand it")
+            path = part.get(kind, part.get("path"))
+            if not isinstance(path, str):
+                raise Gemma4Error(f"{where}: message {k}: an {kind} part needs a file path in {kind!r}")
+            path = os.path.join(root, path)
+            try:
+                medium = multimodal.load_image(path, image_tokens) if kind == "image" else multimodal.load_audio(path)
+                multimodal.check_support(config, [medium])
+            except Gemma4Error as e:
+                raise Gemma4Error(f"{where}: message {k}: {e}") from None
+            media.append(medium)
+    return media
+
+
+def embed_media(examples: Sequence[Example], params, config) -> None:
+    """Fills each media example's soft tokens with the (frozen) encoders of `params`."""
+    from gemma4_jax import multimodal
+
+    for example in examples:
+        if example.media and example.soft is None:
+            example.soft = multimodal.embed(params, config, example.tokens.tolist(), example.media)
+
+
 def text_examples(tokenizer, text: str, seq_len: int) -> list[Example]:
     tokens = [*tokenizer.encode(text, add_bos=True), tokenizer.eos_id]
     out = []
@@ -88,18 +150,33 @@ class Dataset:
         return sum(len(e.tokens) for e in self.examples)
 
 
+_PART_TYPES = ("text", "image", "audio")
+
+
 def _check_messages(messages, where: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise Gemma4Error(f"{where}: 'messages' must be a non-empty list")
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise Gemma4Error(f"{where}: message {k} must be an object with string 'role' and 'content'")
+        content = m.get("content")
+        parts_ok = isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") in _PART_TYPES and (p["type"] != "text" or isinstance(p.get("text"), str))
+            for p in content
+        )
+        if not isinstance(content, str) and not parts_ok:
+            raise Gemma4Error(
+                f"{where}: message {k}: 'content' must be a string or a list of text/image/audio parts"
+            )
     if not any(m["role"] in ANSWER_ROLES for m in messages):
         raise Gemma4Error(f"{where}: no assistant/model message, so nothing to learn from")
 
 
-def load_dataset(paths: Sequence[str], tokenizer, seq_len: int) -> Dataset:
-    """Reads every file; raises Gemma4Error on the first malformed line (with its file and line number)."""
+def load_dataset(
+    paths: Sequence[str], tokenizer, seq_len: int, config=None, image_tokens: int = 280
+) -> Dataset:
+    """Reads every file; raises Gemma4Error on the first malformed line (with its file and line number). `config`
+    (the model's) is needed for chats with images or audio, which are resized to `image_tokens` soft tokens."""
     if seq_len < 2:
         raise Gemma4Error(f"--seq-len must be >= 2, got {seq_len}")
     examples: list[Example] = []
@@ -126,6 +203,12 @@ def load_dataset(paths: Sequence[str], tokenizer, seq_len: int) -> Dataset:
                     example = chat_example(tokenizer, record["messages"])
                 except Gemma4Error as e:
                     raise Gemma4Error(f"{where}: {e}") from None
+                media = _load_media(record["messages"], os.path.dirname(path), config, image_tokens, where)
+                if media:
+                    try:
+                        example = _media_example(example, media, config)
+                    except Gemma4Error as e:
+                        raise Gemma4Error(f"{where}: {e}") from None
                 if len(example.tokens) > seq_len + 1:
                     dropped += 1
                 else:
@@ -156,24 +239,38 @@ def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[lis
 
 @dataclasses.dataclass
 class Rows:
-    """Packed rows, all [R, T]: the model reads `inputs` and is scored on `targets` where `weights` > 0."""
+    """Packed rows, all [R, T]: the model reads `inputs` and is scored on `targets` where `weights` > 0.
+
+    With media, `soft_index` [R, T] points each soft-token slot into `soft_table` [N, D] (-1 elsewhere) and
+    `blocks` [R, T] numbers the images of a row (bidirectional attention among one image's slots where the model
+    has it); `take` gathers the slots' embeddings, so a batch carries `soft_tokens`, `soft_mask` and `blocks`."""
 
     inputs: np.ndarray
     targets: np.ndarray
     positions: np.ndarray  # -1 on padding
     segments: np.ndarray  # 0 on padding, 1.. per example in the row
     weights: np.ndarray
+    soft_index: np.ndarray | None = None
+    blocks: np.ndarray | None = None
+    soft_table: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
     def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)}
+        batch = {name: getattr(self, name)[index] for name in ("inputs", "targets", "positions", "segments", "weights")}
+        if self.soft_table is not None:
+            slots = self.soft_index[index]
+            batch["soft_tokens"] = np.where(slots[..., None] >= 0, self.soft_table[np.maximum(slots, 0)], 0)
+            batch["soft_mask"] = slots >= 0
+            batch["blocks"] = self.blocks[index]
+        return batch
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for f in dataclasses.fields(self):
-            h.update(np.ascontiguousarray(getattr(self, f.name)).tobytes())
+            if getattr(self, f.name) is not None:
+                h.update(np.ascontiguousarray(getattr(self, f.name)).tobytes())
         return h.hexdigest()[:16]
 
 
@@ -198,8 +295,16 @@ def pack(examples: list[Example], seq_len: int) -> Rows:
         np.zeros((n, seq_len), np.int32),
         np.zeros((n, seq_len), np.float32),
     )
+    with_media = any(e.media for e in examples)
+    if with_media:
+        if any(e.media and e.soft is None for e in examples):
+            raise ValueError("examples with media need `embed_media` before packing")
+        out.soft_index = np.full((n, seq_len), -1, np.int32)
+        out.blocks = np.full((n, seq_len), -1, np.int32)
+    table: list[np.ndarray] = []
+    filled = 0
     for r, members in enumerate(rows):
-        start = 0
+        start = images = 0
         for s, e in enumerate(members, 1):
             k = len(e.tokens) - 1
             span = slice(start, start + k)
@@ -208,7 +313,18 @@ def pack(examples: list[Example], seq_len: int) -> Rows:
             out.positions[r, span] = np.arange(k)
             out.segments[r, span] = s
             out.weights[r, span] = e.weights[1:]
+            if e.soft is not None:
+                where = np.flatnonzero(e.soft.mask[:-1])  # a slot is an input (the last token is only a target)
+                out.soft_index[r, start + where] = filled + np.arange(len(where))
+                table.append(e.soft.embeddings[where])
+                filled += len(where)
+                own = e.soft.blocks[:-1]
+                out.blocks[r, span] = np.where(own >= 0, own + images, -1)  # image ids unique within the row
+                images += int(own.max()) + 1 if (own >= 0).any() else 0
             start += k
+    if with_media:
+        width = next(e.soft.embeddings.shape[1] for e in examples if e.soft is not None)
+        out.soft_table = np.concatenate(table) if table else np.zeros((0, width), np.float32)  # float32 (or 64)
     return out
 
 
@@ -233,10 +349,12 @@ class Batches:
         return step * self.rows_per_step / len(self.rows)
 
     def at(self, step: int) -> dict[str, np.ndarray]:
-        """Arrays of shape [accumulation, batch, T] for optimizer step `step` (0-based)."""
+        """Arrays of shape [accumulation, batch, T] ([..., T, D] for soft tokens) for optimizer step `step`."""
         n = len(self.rows)
         index = np.empty(self.rows_per_step, np.int64)
         for k in range(self.rows_per_step):
             g = step * self.rows_per_step + k
             index[k] = self._perm(g // n)[g % n]
-        return {name: a.reshape(self.accumulation, self.batch, -1) for name, a in self.rows.take(index).items()}
+        return {
+            name: a.reshape(self.accumulation, self.batch, *a.shape[1:]) for name, a in self.rows.take(index).items()
+        }

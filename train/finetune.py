@@ -56,6 +56,7 @@ def finetune(
     top = max(int(e.tokens.max()) for e in dataset.examples)
     if top >= cfg.vocab_size:
         raise Gemma4Error(f"the tokenizer produced id {top}, outside the model's vocabulary of {cfg.vocab_size}")
+    data.embed_media(dataset.examples, model.params, cfg)  # the encoders stay frozen: they run once per example
     train_examples, eval_examples = data.split(dataset.examples, eval_fraction, train_config.seed)
     train_rows = data.pack(train_examples, train_config.seq_len)
     eval_rows = data.pack(eval_examples, train_config.seq_len) if eval_examples else None

@@ -86,7 +86,15 @@ def make_optimizer(tc: TrainConfig):
 def token_losses(params, batch, config: Gemma4Config, remat: bool) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted next-token NLL, sum of weights) of one [B, T] batch of packed rows."""
     logits, _ = model.apply(
-        params, batch["inputs"], batch["positions"], config=config, segments=batch["segments"], remat=remat
+        params,
+        batch["inputs"],
+        batch["positions"],
+        config=config,
+        segments=batch["segments"],
+        soft_tokens=batch.get("soft_tokens"),  # image/audio embeddings from the frozen encoders (data.embed_media)
+        soft_mask=batch.get("soft_mask"),
+        blocks=batch.get("blocks"),
+        remat=remat,
     )
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
