@@ -66,11 +66,23 @@ def param_split(variant: str) -> dict[str, int]:
     """Parameter counts by part, from the parameter spec (no allocation)."""
     from gemma4_jax import config, param_spec
 
-    split = dict.fromkeys(("ple_table", "token_embedding", "decoder", "reader_kv", "vision", "audio"), 0)
+    parts = (
+        "ple_table",
+        "token_embedding",
+        "decoder",
+        "reader_kv",
+        "vision",
+        "audio",
+        "vision_encoder",
+        "audio_encoder",
+    )
+    split = dict.fromkeys(parts, 0)
     for leaf in param_spec.param_spec(config.get_config(variant)):
         n = math.prod(leaf.shape)
         if leaf.part != "text":
             split[leaf.part] += n
+            if leaf.path[0] != "embedder":  # the encoder itself, without its projection into the text width
+                split[f"{leaf.part}_encoder"] += n
         elif leaf.unused:
             split["reader_kv"] += n
         elif leaf.quant == param_spec.PLE_TABLE:
@@ -126,10 +138,17 @@ def plan(
     ]
     parts = [Part(name, n, weight_bytes(n, quant), place, note) for name, n, place, note in counts if n]
     if not text_only:
-        towers = (("vision", "ViT encoder + projection into D"), ("audio", "Conformer encoder + projection into D"))
+        towers = (("vision", "ViT"), ("audio", "Conformer"))
         parts += [
-            Part(name, split[name], split[name] * TOWER_BYTES_PER_WEIGHT, "device", note + ", float32")
-            for name, note in towers
+            Part(
+                name,
+                split[name],
+                split[name] * TOWER_BYTES_PER_WEIGHT,
+                "device",
+                f"{kind} encoder {split[name + '_encoder']:,} + projection into D "
+                f"{split[name] - split[name + '_encoder']:,}, float32",
+            )
+            for name, kind in towers
             if split[name]
         ]
 

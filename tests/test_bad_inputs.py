@@ -460,6 +460,7 @@ def test_media_to_a_model_without_that_encoder(capsys, ckpt, mm_ckpt, tmp_path):
         api.load(ckpt).generate("look", images=[image])
 
 
+@pytest.mark.slow
 def test_chat_media_errors_keep_the_conversation(mm_ckpt):
     """A bad /image or /audio in chat is one error line; the chat goes on, and the next good turn answers."""
     path, media = mm_ckpt

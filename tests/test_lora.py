@@ -254,7 +254,22 @@ def test_packing_keeps_examples_apart(tokenizer):
         ),
         (['{"messages": []}'], r":1: 'messages' must be a non-empty list"),
         (['{"messages": [{"role": "user", "content": "hi"}]}'], r":1: no assistant/model message"),
-        (['{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}'], "string 'role'"),
+        (
+            ['{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}'],
+            "'content' must be",
+        ),
+        (['{"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}'], "string 'role'"),
+        (
+            ['{"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "x"}]}'],
+            "list of text/image/audio parts",
+        ),
+        (
+            [
+                '{"messages": [{"role": "user", "content": [{"type": "image", "image": "nope.png"}]}, '
+                '{"role": "assistant", "content": "x"}]}'
+            ],
+            r":1: message 0: image file not found: .*nope\.png",
+        ),
         (["[1, 2]"], r':1: expected \{"messages"'),
         ([], "no training examples"),
         ([json.dumps(_chat("a long question " * 20, "a long answer " * 20))], "all 1 chats are longer"),
@@ -264,7 +279,7 @@ def test_bad_data(tokenizer, tmp_path, lines, message):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + ("\n" if lines else ""))
     with pytest.raises(Gemma4Error, match=message):
-        data.load_dataset([str(path)], tokenizer, 64)
+        data.load_dataset([str(path)], tokenizer, 64, config.get_config("tiny_mm"))
 
 
 def test_overlong_chats_are_dropped_and_text_is_windowed(tokenizer, tmp_path):

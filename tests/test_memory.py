@@ -110,6 +110,8 @@ def test_cli_table_and_json(capsys):
     out = capsys.readouterr().out
     assert "30.00 MiB" in out and "72.00 MiB" in out
     assert "vision" in out and f"{spec.VISION_WITH_PROJECTION['e2b']:,}" in out and "float32" in out
+    assert f"ViT encoder {spec.VISION_ENCODER['e2b']:,} + projection" in out  # spec §4.1
+    assert f"Conformer encoder {spec.AUDIO_ENCODER['e2b']:,} + projection" in out  # spec §4.2
     assert cli.main(["memory", "--variant", "e4b", "--quant", "q4_0", "--ple", "host", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     parts = {p["name"]: p for p in d["parts"]}

@@ -140,8 +140,11 @@ def _ours(cfg, state, ids, media, precision):
     return params, expanded, soft, np.asarray(logits[0])
 
 
+FAST_CASES = ("e2b-style audio and image", "31b-style two images, two budgets")  # the default tier's share
+
+
 @pytest.mark.parametrize("precision", ["float64", "float32"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_logits_match_hf(case, precision, speech):
     """Both precisions against transformers' float64 logits: float32 is judged by its distance from the exact
     result, not from transformers' own float32 rounding, which is as large (up to 5.3e-4 on these weights, where a

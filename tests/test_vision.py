@@ -70,7 +70,7 @@ def reference(request):
 
 
 @pytest.mark.parametrize("precision", ["float64", "float32"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c if c == "extreme-70" else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_image_features_match_hf(reference, precision, case):
     cfg, hf = reference
     images, budget = CASES[case]

@@ -161,20 +161,18 @@ def _check_messages(messages, where: str) -> None:
             raise Gemma4Error(f"{where}: message {k} must be an object with string 'role' and 'content'")
         content = m.get("content")
         parts_ok = isinstance(content, list) and all(
-            isinstance(p, dict) and p.get("type") in _PART_TYPES and (p["type"] != "text" or isinstance(p.get("text"), str))
+            isinstance(p, dict)
+            and p.get("type") in _PART_TYPES
+            and (p["type"] != "text" or isinstance(p.get("text"), str))
             for p in content
         )
         if not isinstance(content, str) and not parts_ok:
-            raise Gemma4Error(
-                f"{where}: message {k}: 'content' must be a string or a list of text/image/audio parts"
-            )
+            raise Gemma4Error(f"{where}: message {k}: 'content' must be a string or a list of text/image/audio parts")
     if not any(m["role"] in ANSWER_ROLES for m in messages):
         raise Gemma4Error(f"{where}: no assistant/model message, so nothing to learn from")
 
 
-def load_dataset(
-    paths: Sequence[str], tokenizer, seq_len: int, config=None, image_tokens: int = 280
-) -> Dataset:
+def load_dataset(paths: Sequence[str], tokenizer, seq_len: int, config=None, image_tokens: int = 280) -> Dataset:
     """Reads every file; raises Gemma4Error on the first malformed line (with its file and line number). `config`
     (the model's) is needed for chats with images or audio, which are resized to `image_tokens` soft tokens."""
     if seq_len < 2:
