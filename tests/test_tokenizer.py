@@ -9,7 +9,7 @@ import os
 
 import pytest
 from references import gemma4_chat_template, gguf_metadata, llama_cpp_file
-from tokenizer_fixture import GEMMA4_SPECIAL_IDS, write_tokenizer
+from tokenizer_fixture import GEMMA4_SPECIAL_IDS, TINY_MEDIA_IDS, write_tokenizer
 
 from gemma4_jax.errors import Gemma4Error
 from gemma4_jax.tokenizer import load_tokenizer, render_gemma4
@@ -129,7 +129,7 @@ def test_encode_decode_equal_transformers(tok_dir, hf_tokenizer, prefer):
     tok = load_tokenizer(tok_dir, prefer=prefer)
     assert tok.vocab_size == 512
     assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2)
-    for token_id, piece in GEMMA4_SPECIAL_IDS.items():
+    for token_id, piece in (GEMMA4_SPECIAL_IDS | TINY_MEDIA_IDS).items():
         assert tok.token_id(piece) == token_id
     for text in TEXTS:
         ids = tok.encode(text)

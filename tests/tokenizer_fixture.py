@@ -28,7 +28,15 @@ GEMMA4_SPECIAL_IDS = {
     50: "<|tool_response>",
     51: "<tool_response|>",
     52: '<|"|>',
-    # the image/audio markers sit at the ids of the tiny multimodal presets (the real ones are 255 999 and up)
+    98: "<|think|>",
+    100: "<|channel>",
+    101: "<channel|>",
+    105: "<|turn>",
+    106: "<turn|>",
+}
+# The image/audio markers at the ids of the tiny multimodal presets (the real ones are 255 999 and up, which a
+# 512-token fixture cannot hold).
+TINY_MEDIA_IDS = {
     60: "<|image>",
     61: "<|audio>",
     62: "<|image|>",
@@ -36,12 +44,8 @@ GEMMA4_SPECIAL_IDS = {
     64: "<image|>",
     65: "<audio|>",
     66: "<|video|>",
-    98: "<|think|>",
-    100: "<|channel>",
-    101: "<channel|>",
-    105: "<|turn>",
-    106: "<turn|>",
 }
+_FIXTURE_SPECIAL_IDS = GEMMA4_SPECIAL_IDS | TINY_MEDIA_IDS
 _FIRST_NORMAL_ID = 107
 # The tokenizer attributes transformers' Gemma4Processor reads (`tokenizer.image_token`, ...).
 NAMED_TOKENS = {
@@ -66,7 +70,7 @@ Thinking step by step: first compute the sum, then divide by the count to get th
 
 def _symbols() -> list[str]:
     """User-defined symbols in id order starting at 4 (SentencePiece places them right after unk)."""
-    return [GEMMA4_SPECIAL_IDS.get(i, f"<unused{i}>") for i in range(4, _FIRST_NORMAL_ID)]
+    return [_FIXTURE_SPECIAL_IDS.get(i, f"<unused{i}>") for i in range(4, _FIRST_NORMAL_ID)]
 
 
 @functools.cache
@@ -109,7 +113,7 @@ def write_tokenizer(directory: str, vocab_size: int = 512, chat_template: str | 
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
             f.write(_trained(vocab_size))
-        specials = [p for i, p in sorted(GEMMA4_SPECIAL_IDS.items()) if p != "<mask>"]
+        specials = [p for i, p in sorted(_FIXTURE_SPECIAL_IDS.items()) if p != "<mask>"]
         hf = GemmaTokenizer.from_pretrained(tmp, extra_special_tokens=NAMED_TOKENS)
         hf.add_special_tokens({"additional_special_tokens": [p for p in specials if p not in NAMED_TOKENS.values()]})
         if chat_template is not None:
