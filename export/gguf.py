@@ -2,6 +2,7 @@
 
     gemma4-jax export gguf --checkpoint DIR --quant q4_0 -o model.gguf
     gemma4-jax export gguf --variant tiny_keqv --tokenizer TOKDIR --quant f32 -o tiny.gguf   # random weights
+    gemma4-jax export gguf --checkpoint DIR --quant q4_0 -o model.gguf --mmproj mmproj.gguf   # + the encoders
 
 GGUF tensors keep the Hugging Face `[out, in]` layout, so every tensor is one HF tensor under its GGUF name (both
 from the parameter spec), plus the generated `rope_freqs` of p-RoPE. Tensors are read from the source in blocks of
@@ -12,6 +13,10 @@ destination only when complete (`files.atomic_output`).
 Storage types (`--quant`) follow llama.cpp's own tools (`gemma4_jax.quant.policy.gguf_type` says which and why);
 a matrix whose rows are not a multiple of the 32-element block is stored as f16 (both tools do this). Q8_0/Q4_0
 bytes come from `gemma4_jax.quant.codecs` (byte-identical to gguf-py's reference quantizers).
+
+`--mmproj FILE` also writes the vision and audio encoders as the projector file llama.cpp's multimodal library
+(tools/mtmd) reads beside the text model: arch `clip`, projector types `gemma4v` / `gemma4a`, tensor names and
+forms from the parameter spec, types from `quant.policy.mmproj_type`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from gemma4_jax import param_spec
 from gemma4_jax.errors import Gemma4Error
 from gemma4_jax.files import Progress
 from gemma4_jax.quant.policy import GGUF_QUANTS as QUANTS
-from gemma4_jax.quant.policy import gguf_type
+from gemma4_jax.quant.policy import MMPROJ_QUANTS, gguf_type, mmproj_type
 
 ARCH = "gemma4"
 ROPE_FREQS = "rope_freqs.weight"
@@ -115,6 +120,49 @@ def plan_tensors(source, quant: str, n_vocab: int) -> list[TensorPlan]:
                 shape = (n_vocab, *shape[1:])
             read = lambda a, b, leaf=leaf, index=index: source.hf_rows(leaf, index, a, b)  # noqa: E731
             plans.append(TensorPlan(name, shape, gguf_type(leaf, shape, quant), read))
+    return plans
+
+
+def _gguf_form(leaf, rows: np.ndarray) -> np.ndarray:
+    """Rows of an HF tensor of `leaf` as llama.cpp's mmproj stores them (see param_spec.GGUF_FORMS)."""
+    if leaf.gguf_form == "patch_chw":  # [D, p·p·3] (pixel-major, RGB last) -> a conv kernel [D, 3, p, p]
+        p = math.isqrt(rows.shape[1] // 3)
+        return rows.reshape(rows.shape[0], p, p, 3).transpose(0, 3, 1, 2)
+    if leaf.gguf_form == "softplus":  # log(1 + e^x), in float64 then rounded once (torch's f32 is within 1 ulp)
+        return np.logaddexp(0.0, np.asarray(rows, np.float64)).astype(np.float32)
+    if leaf.gguf_form == "squeeze":  # [C, 1, K] -> [C, K]
+        return rows.reshape(rows.shape[0], rows.shape[2])
+    return rows
+
+
+def _gguf_shape(leaf, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if leaf.gguf_form == "patch_chw":
+        p = math.isqrt(hf_shape[1] // 3)
+        return (hf_shape[0], 3, p, p)
+    if leaf.gguf_form == "squeeze":
+        return (hf_shape[0], hf_shape[2])
+    return hf_shape or (1,)  # GGUF has no 0-d tensors: a clip bound is [1]
+
+
+def plan_mmproj(source, quant: str, parts: tuple[str, ...]) -> list[TensorPlan]:
+    """Every mmproj tensor of the encoders in `parts` ("vision", "audio"), in spec order, read in blocks of rows
+    like the text tensors."""
+    plans = []
+    for leaf in param_spec.param_spec(source.config):
+        if leaf.part not in parts:
+            continue
+        for index, (name, hf_shape) in enumerate(zip(leaf.gguf, leaf.hf_shapes, strict=True)):
+            shape = _gguf_shape(leaf, hf_shape)
+            if hf_shape:
+
+                def read(a, b, leaf=leaf, index=index):
+                    return _gguf_form(leaf, source.hf_rows(leaf, index, a, b))
+            else:  # a clip bound: the leaf is one value (or one per stacked layer)
+
+                def read(a, b, leaf=leaf, index=index):
+                    return np.reshape(leaf.to_hf(np.asarray(source.read(leaf, np.float32)))[index], (1,))
+
+            plans.append(TensorPlan(name, shape, mmproj_type(leaf, name, shape, quant), read))
     return plans
 
 
@@ -253,6 +301,51 @@ def add_metadata(writer, config, quant: str, vocab: Vocab, name: str) -> None:
     writer.add_add_space_prefix(False)
 
 
+MMPROJ_ARCH = "clip"
+PROJECTOR_TYPES = {"vision": "gemma4v", "audio": "gemma4a"}  # tools/mtmd/clip-impl.h
+
+
+def add_mmproj_metadata(writer, config, quant: str, parts: tuple[str, ...], name: str) -> None:
+    """The `clip.*` keys tools/mtmd/clip.cpp reads for the `gemma4v` / `gemma4a` projectors. Written as raw keys
+    so that an older gguf-py without the Gemma 4 constants writes the same file."""
+    import gguf
+
+    writer.add_type("mmproj")
+    writer.add_name(name)
+    writer.add_file_type(int(_file_type(quant)))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if "vision" in parts:
+        v = config.vision
+        writer.add_bool("clip.has_vision_encoder", True)
+        writer.add_string("clip.vision.projector_type", PROJECTOR_TYPES["vision"])
+        writer.add_uint32("clip.vision.projection_dim", config.embed_dim)
+        writer.add_uint32("clip.vision.image_size", 224)  # required by the loader, unused by gemma4v (as converted)
+        writer.add_uint32("clip.vision.patch_size", v.patch_size)
+        writer.add_uint32("clip.vision.embedding_length", v.width)
+        writer.add_uint32("clip.vision.feed_forward_length", v.ffw_hidden)
+        writer.add_uint32("clip.vision.block_count", v.num_layers)
+        writer.add_uint32("clip.vision.attention.head_count", v.num_heads)
+        writer.add_float32("clip.vision.attention.layer_norm_epsilon", v.rms_norm_eps)
+        writer.add_uint32("clip.vision.projector.scale_factor", v.pooling_kernel)
+        # Pixels in [0, 1]: the encoder maps them to [-1, 1] itself (spec §4.1).
+        writer.add_array("clip.vision.image_mean", [0.0, 0.0, 0.0])
+        writer.add_array("clip.vision.image_std", [1.0, 1.0, 1.0])
+        # The MLP's GELU is the tanh form (gelu_pytorch_tanh). Without this key mtmd runs x·sigmoid(1.702x)
+        # ("gelu_quick"), which llama.cpp's own converter leaves it doing for Gemma 4.
+        writer.add_bool("clip.use_gelu", True)
+    if "audio" in parts:
+        a = config.audio
+        writer.add_bool("clip.has_audio_encoder", True)
+        writer.add_string("clip.audio.projector_type", PROJECTOR_TYPES["audio"])
+        writer.add_uint32("clip.audio.projection_dim", config.embed_dim)
+        writer.add_uint32("clip.audio.embedding_length", a.hidden_size)
+        writer.add_uint32("clip.audio.feed_forward_length", a.ffw_hidden)
+        writer.add_uint32("clip.audio.block_count", a.num_layers)
+        writer.add_uint32("clip.audio.attention.head_count", a.num_heads)
+        writer.add_uint32("clip.audio.num_mel_bins", a.num_mel_bins)
+        writer.add_float32("clip.audio.attention.layer_norm_epsilon", a.rms_norm_eps)
+
+
 # ----- writing ----------------------------------------------------------------------------------------------
 
 
@@ -290,19 +383,19 @@ class _StreamedTensor:
             raise Gemma4Error(f"{plan.name}: wrote {written} bytes, expected {self.nbytes}")
 
 
-def write_gguf(path: str, config, quant: str, plans: list[TensorPlan], vocab: Vocab, name: str) -> None:
-    """Writes the whole file at `path` (the caller renames it into place)."""
+def write_gguf(path: str, arch: str, add_metadata: Callable, plans: list[TensorPlan], what: str = "GGUF") -> None:
+    """Writes the whole file at `path` (the caller renames it into place): `add_metadata(writer)`, then `plans`."""
     import gguf
 
-    writer = gguf.GGUFWriter(path, ARCH)
-    add_metadata(writer, config, quant, vocab, name)
+    writer = gguf.GGUFWriter(path, arch)
+    add_metadata(writer)
     for plan in plans:
         # Logical shape with a float dtype: GGUFWriter stores it reversed (ggml order) with the raw type.
         writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    progress = Progress("writing GGUF", sum(p.nbytes for p in plans))
+    progress = Progress(f"writing {what}", sum(p.nbytes for p in plans))
     try:
         for plan in plans:
             writer.write_tensor_data(_StreamedTensor(plan, lambda n, name=plan.name: progress.advance(n, name)))
@@ -314,15 +407,42 @@ def write_gguf(path: str, config, quant: str, plans: list[TensorPlan], vocab: Vo
 # ----- the task ---------------------------------------------------------------------------------------------
 
 
-def export_gguf(source, out: str, *, quant: str = "f16", tokenizer_dir: str | None = None) -> str:
+def encoder_parts(config) -> tuple[str, ...]:
+    return tuple(p for p in ("vision", "audio") if getattr(config, p) is not None)
+
+
+def export_gguf(
+    source,
+    out: str,
+    *,
+    quant: str = "f16",
+    tokenizer_dir: str | None = None,
+    mmproj: str | None = None,
+    mmproj_quant: str = "f16",
+) -> str:
     """Writes `source` (a `sources.WeightSource`) as a GGUF file at `out` with the vocabulary of `tokenizer_dir`
-    (default: the source's directory). Returns a one-line summary."""
+    (default: the source's directory), and with `mmproj` its encoders as llama.cpp's projector file. Returns a
+    one-line summary (one per file)."""
     from gemma4_jax import files
 
     start = time.perf_counter()
     if quant not in QUANTS:
         raise Gemma4Error(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     out = files.check_output(out)
+    if mmproj is not None:
+        if mmproj_quant not in MMPROJ_QUANTS:
+            raise Gemma4Error(
+                f"--mmproj-quant {mmproj_quant!r}: the encoders are stored as one of {', '.join(MMPROJ_QUANTS)} "
+                "(mtmd reads no 4-bit encoder weights)"
+            )
+        if not encoder_parts(source.config):
+            raise Gemma4Error(
+                f"--mmproj: {source.description} ({source.config.name}) has no vision or audio encoder"
+                + (" (--text-only left them out)" if source.text_only else "")
+            )
+        mmproj = files.check_output(mmproj)
+        if os.path.abspath(mmproj) == os.path.abspath(out):
+            raise Gemma4Error(f"--mmproj {mmproj} is the model's own output path")
     tokenizer_dir = tokenizer_dir or source.directory
     if tokenizer_dir is None:
         raise Gemma4Error(f"{source.description} has no tokenizer: pass --tokenizer DIR (with tokenizer.json)")
@@ -342,12 +462,42 @@ def export_gguf(source, out: str, *, quant: str = "f16", tokenizer_dir: str | No
     )
     name = os.path.splitext(os.path.basename(out))[0]
     with files.atomic_output(out) as tmp:
-        write_gguf(tmp, config, quant, plans, vocab, name)
+        write_gguf(tmp, ARCH, lambda writer: add_metadata(writer, config, quant, vocab, name), plans)
+    summary = (
+        f"wrote {out}: gemma4 GGUF {quant}, {len(plans)} tensors ({_kinds(plans)}), {n_vocab} tokens, "
+        f"{files.human_bytes(os.path.getsize(out))}, {time.perf_counter() - start:.1f} s"
+    )
+    if mmproj is not None:
+        summary += "\n" + export_mmproj(source, mmproj, quant=mmproj_quant)
+    return summary
+
+
+def _kinds(plans: list[TensorPlan]) -> str:
     counts: dict[str, int] = {}
     for plan in plans:
         counts[plan.qtype.name.lower()] = counts.get(plan.qtype.name.lower(), 0) + 1
-    kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def export_mmproj(source, out: str, *, quant: str = "f16") -> str:
+    """Writes the encoders of `source` as the projector GGUF llama.cpp's mtmd reads. Returns a one-line summary."""
+    from gemma4_jax import files
+
+    start = time.perf_counter()
+    parts = encoder_parts(source.config)
+    if not parts:
+        raise Gemma4Error(f"{source.description} ({source.config.name}) has no vision or audio encoder")
+    out = files.check_output(out)
+    plans = plan_mmproj(source, quant, parts)
+    files.log(
+        f"exporting the {' and '.join(parts)} encoder{'s' if len(parts) > 1 else ''} to a GGUF mmproj {quant}: "
+        f"{len(plans)} tensors, {files.human_bytes(sum(p.nbytes for p in plans))}"
+    )
+    name = os.path.splitext(os.path.basename(out))[0]
+    with files.atomic_output(out) as tmp:
+        metadata = lambda writer: add_mmproj_metadata(writer, source.config, quant, parts, name)  # noqa: E731
+        write_gguf(tmp, MMPROJ_ARCH, metadata, plans, "GGUF mmproj")
     return (
-        f"wrote {out}: gemma4 GGUF {quant}, {len(plans)} tensors ({kinds}), {n_vocab} tokens, "
-        f"{files.human_bytes(os.path.getsize(out))}, {time.perf_counter() - start:.1f} s"
+        f"wrote {out}: mmproj ({', '.join(PROJECTOR_TYPES[p] for p in parts)}) {quant}, {len(plans)} tensors "
+        f"({_kinds(plans)}), {files.human_bytes(os.path.getsize(out))}, {time.perf_counter() - start:.1f} s"
     )

@@ -455,7 +455,15 @@ def cmd_export_gguf(args) -> int:
     from gemma4_jax.files import check_output
 
     check_output(args.output)
-    _print(export_gguf(_open(args), args.output, quant=args.quant, tokenizer_dir=args.tokenizer))
+    if args.mmproj:
+        check_output(args.mmproj)
+    source = _open(args)
+    _print(
+        export_gguf(
+            source, args.output, quant=args.quant, tokenizer_dir=args.tokenizer, mmproj=args.mmproj,
+            mmproj_quant=args.mmproj_quant,
+        )
+    )  # fmt: skip
     return 0
 
 
@@ -648,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a checkpoint for another runtime")
     formats = export.add_subparsers(dest="format", required=True)
-    from gemma4_jax.quant.policy import GGUF_QUANTS
+    from gemma4_jax.quant.policy import GGUF_QUANTS, MMPROJ_QUANTS
 
     eg = formats.add_parser("gguf", help="GGUF file that llama.cpp runs", description="GGUF file that llama.cpp runs")
     _source_args(eg, dtype=None, ple=False)
@@ -658,6 +666,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eg.add_argument("--quant", default="f16", choices=GGUF_QUANTS, help="storage type of the weight matrices")
     eg.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    eg.add_argument(
+        "--mmproj",
+        metavar="FILE",
+        help="also write the vision/audio encoders as the projector GGUF llama.cpp's mtmd reads (llama-mtmd-cli "
+        "--mmproj FILE)",
+    )
+    eg.add_argument(
+        "--mmproj-quant",
+        default="f16",
+        choices=MMPROJ_QUANTS,
+        help="storage type of the encoders' matrices in the mmproj (default f16)",
+    )
     eg.set_defaults(func=cmd_export_gguf)
 
     el = formats.add_parser(

@@ -7,7 +7,9 @@ A `Leaf` states once what the project needs to know about one tensor:
 - `contracts`: the axes a matmul with it sums over (its "in" features); a lookup table names its feature axis;
 - `split`: an axis whose indices are separate Hugging Face tensors and separate LoRA adapters (K and V, gate and up);
 - `batch`: axes every format keeps apart (the MoE expert stack);
-- `hf` / `gguf`: its Hugging Face and llama.cpp tensor names (one per index of `split`);
+- `hf` / `gguf`: its Hugging Face and llama.cpp tensor names (one per index of `split`); an encoder's GGUF names
+  are those of llama.cpp's multimodal projector file (mmproj), and `gguf_form` says how its tensor there differs
+  from the HF one (GGUF_FORMS);
 - `quant`: its quantization class, which the per-target policies (`gemma4_jax.quant.policy`) decide on;
 - `lora`: whether a LoRA adapter may target it;
 - `unused`: in the official tree but never read (the K/V weights of KV-shared reader layers, spec §6 #17);
@@ -45,6 +47,11 @@ PLE_TABLE = "ple_table"  # the PLE token table: a lookup table only
 TOWER = "tower"  # the vision and audio encoders' weights and their projections into the text width
 QUANT_CLASSES = (SCALE, ROUTER, MATRIX, PLE_PROJECTION, PLE_GATE, EMBEDDING, PLE_TABLE, TOWER)
 PARTS = ("text", "vision", "audio")
+# How an mmproj tensor differs from its HF tensor (llama.cpp's tools/mtmd reads them so): "" the same (a 0-d clip
+# bound as [1]: GGUF has no scalars); "patch_chw" the patch embedding's [D, p·p·3] (pixel-major, channels last) as a
+# convolution kernel [D, 3, p, p]; "softplus" the stored softplus of the audio attention's per-dim scale (its
+# graph applies no softplus); "squeeze" the depthwise kernel [C, 1, K] as [C, K].
+GGUF_FORMS = ("", "patch_chw", "softplus", "squeeze")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +74,7 @@ class Leaf:
     hf_axes: tuple[str, ...] = ()
     replicate: bool = False
     init: str = "auto"
+    gguf_form: str = ""
 
     def __post_init__(self):
         assert len(self.axes) == len(self.shape) == len(set(self.axes)), self
@@ -81,6 +89,7 @@ class Leaf:
             assert per_layer == 1, self
         assert not self.hf_axes or sorted(self.hf_axes) == sorted(a for a in self.axes if a != self.stack), self
         assert not self.gguf or len(self.gguf) == len(self.hf), self
+        assert self.gguf_form in GGUF_FORMS, self
 
     @property
     def name(self) -> str:
@@ -251,8 +260,10 @@ class _Builder:
         gguf = (gguf,) if isinstance(gguf, str) else tuple(gguf)
         names = _axes(axes)
         hf = tuple(self.hf + n for n in hf)
+        gguf = tuple(self.gguf + n for n in gguf)
         if stack:
             hf = tuple(n.format(i=i) for i in range(self.sizes[stack]) for n in hf)
+            gguf = tuple(n.format(i=i) for i in range(self.sizes[stack]) for n in gguf)
         return Leaf(
             path=(*self.path, *(path.split("/") if isinstance(path, str) else path)),
             axes=names,
@@ -261,7 +272,7 @@ class _Builder:
             split=split,
             batch=_axes(batch),
             hf=hf,
-            gguf=tuple(self.gguf + n for n in gguf),
+            gguf=gguf,
             part=self.part,
             stack=stack,
             hf_axes=_axes(hf_axes),
@@ -384,12 +395,13 @@ def _layer(cfg: Gemma4Config, i: int) -> list[Leaf]:
 
 # The clipped linears of the vision encoder: the official einsum scope and the HF projection(s) it stands for (one
 # official clip bound per einsum; HF has one per projection, so K and V, gate and up hold copies).
+# The clipped linears of a vision layer: official scope, HF modules, their mmproj names.
 _VISION_CLIPPED = (
-    ("attn/q_einsum", ("self_attn.q_proj",)),
-    ("attn/kv_einsum", ("self_attn.k_proj", "self_attn.v_proj")),
-    ("attn/attn_vec_einsum", ("self_attn.o_proj",)),
-    ("mlp/gating_einsum", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp/linear", ("mlp.down_proj",)),
+    ("attn/q_einsum", ("self_attn.q_proj",), ("attn_q",)),
+    ("attn/kv_einsum", ("self_attn.k_proj", "self_attn.v_proj"), ("attn_k", "attn_v")),
+    ("attn/attn_vec_einsum", ("self_attn.o_proj",), ("attn_out",)),
+    ("mlp/gating_einsum", ("mlp.gate_proj", "mlp.up_proj"), ("ffn_gate", "ffn_up")),
+    ("mlp/linear", ("mlp.down_proj",), ("ffn_down",)),
 )
 _CLIP_BOUNDS = (("clip_input_min", "input_min"), ("clip_input_max", "input_max"))
 _CLIP_BOUNDS += (("clip_output_min", "output_min"), ("clip_output_max", "output_max"))
@@ -400,78 +412,84 @@ def _clip_init(bound: str) -> str:
 
 
 def _vision(cfg: Gemma4Config) -> list[Leaf]:
-    """The vision encoder (spec §4.1, §5.1): layers stacked on axis 0, HF `model.vision_tower.` + `embed_vision`."""
+    """The vision encoder (spec §4.1, §5.1): layers stacked on axis 0, HF `model.vision_tower.` + `embed_vision`,
+    mmproj `v.` + `mm.`."""
     v = cfg.vision
     sizes = {
         "patch": v.patch_values, "vision_embed": v.width, "positions": v.position_table_size, "xy": 2,
         "layers": v.num_layers, "vision_heads": v.num_heads, "vision_head_dim": v.head_dim, "kv": 2, "gate_up": 2,
         "vision_mlp": v.ffw_hidden, "embed": cfg.embed_dim,
     }  # fmt: skip
-    leaf = _Builder(sizes, ("vision_encoder",), "vision_tower.", part="vision")
-    block, hf_layer = "transformer/stacked_layers/block/", "encoder.layers.{i}."
+    leaf = _Builder(sizes, ("vision_encoder",), "vision_tower.", "v.", part="vision")
+    block, hf_layer, gguf_layer = "transformer/stacked_layers/block/", "encoder.layers.{i}.", "blk.{i}."
 
-    def stacked(path, axes, hf, **kw):
-        names = (hf,) if isinstance(hf, str) else hf
-        return leaf(block + path, "layers " + axes, tuple(hf_layer + n for n in names), stack="layers", **kw)
+    def stacked(path, axes, hf, gguf, **kw):
+        hf, gguf = ((n,) if isinstance(n, str) else n for n in (hf, gguf))
+        hf, gguf = tuple(hf_layer + n for n in hf), tuple(gguf_layer + n for n in gguf)
+        return leaf(block + path, "layers " + axes, hf, gguf, stack="layers", **kw)
 
     out = [
-        leaf("entry/input_projection/w", "patch vision_embed", "patch_embedder.input_proj.weight", contracts="patch",
-             quant=TOWER),
+        leaf("entry/input_projection/w", "patch vision_embed", "patch_embedder.input_proj.weight",
+             "patch_embd.weight", contracts="patch", quant=TOWER, gguf_form="patch_chw"),
         leaf("entry/pos_emb", "positions xy vision_embed", "patch_embedder.position_embedding_table",
-             hf_axes="xy positions vision_embed", quant=TOWER, init="normal:0.02"),
-        stacked("pre_attention_norm/scale", "vision_embed", "input_layernorm.weight"),
+             "position_embd.weight", hf_axes="xy positions vision_embed", quant=TOWER, init="normal:0.02"),
+        stacked("pre_attention_norm/scale", "vision_embed", "input_layernorm.weight", "ln1.weight"),
         stacked("attn/q_einsum/w", "vision_heads vision_embed vision_head_dim", "self_attn.q_proj.linear.weight",
-                contracts="vision_embed", quant=TOWER),
+                "attn_q.weight", contracts="vision_embed", quant=TOWER),
         stacked("attn/kv_einsum/w", "kv vision_heads vision_embed vision_head_dim",
-                ("self_attn.k_proj.linear.weight", "self_attn.v_proj.linear.weight"), contracts="vision_embed",
-                split="kv", quant=TOWER),
-        stacked("attn/query_norm/scale", "vision_head_dim", "self_attn.q_norm.weight"),
-        stacked("attn/key_norm/scale", "vision_head_dim", "self_attn.k_norm.weight"),
+                ("self_attn.k_proj.linear.weight", "self_attn.v_proj.linear.weight"),
+                ("attn_k.weight", "attn_v.weight"), contracts="vision_embed", split="kv", quant=TOWER),
+        stacked("attn/query_norm/scale", "vision_head_dim", "self_attn.q_norm.weight", "attn_q_norm.weight"),
+        stacked("attn/key_norm/scale", "vision_head_dim", "self_attn.k_norm.weight", "attn_k_norm.weight"),
         stacked("attn/attn_vec_einsum/w", "vision_heads vision_head_dim vision_embed", "self_attn.o_proj.linear.weight",
-                contracts="vision_heads vision_head_dim", quant=TOWER),
-        stacked("post_attention_norm/scale", "vision_embed", "post_attention_layernorm.weight"),
-        stacked("pre_ffw_norm/scale", "vision_embed", "pre_feedforward_layernorm.weight"),
+                "attn_out.weight", contracts="vision_heads vision_head_dim", quant=TOWER),
+        stacked("post_attention_norm/scale", "vision_embed", "post_attention_layernorm.weight",
+                "attn_post_norm.weight"),
+        stacked("pre_ffw_norm/scale", "vision_embed", "pre_feedforward_layernorm.weight", "ln2.weight"),
         stacked("mlp/gating_einsum/w", "gate_up vision_mlp vision_embed",
-                ("mlp.gate_proj.linear.weight", "mlp.up_proj.linear.weight"), contracts="vision_embed", split="gate_up",
-                quant=TOWER),
-        stacked("mlp/linear/w", "vision_mlp vision_embed", "mlp.down_proj.linear.weight", contracts="vision_mlp",
-                quant=TOWER),
-        stacked("post_ffw_norm/scale", "vision_embed", "post_feedforward_layernorm.weight"),
+                ("mlp.gate_proj.linear.weight", "mlp.up_proj.linear.weight"), ("ffn_gate.weight", "ffn_up.weight"),
+                contracts="vision_embed", split="gate_up", quant=TOWER),
+        stacked("mlp/linear/w", "vision_mlp vision_embed", "mlp.down_proj.linear.weight", "ffn_down.weight",
+                contracts="vision_mlp", quant=TOWER),
+        stacked("post_ffw_norm/scale", "vision_embed", "post_feedforward_layernorm.weight", "ffn_post_norm.weight"),
     ]  # fmt: skip
     if v.clipped_linears:
-        for scope, projections in _VISION_CLIPPED:
+        for scope, projections, gguf_projections in _VISION_CLIPPED:
             for bound, hf_bound in _CLIP_BOUNDS:
                 names = tuple(f"{projection}.{hf_bound}" for projection in projections)
-                out.append(stacked(f"{scope}/{bound}", "", names, replicate=len(names) > 1, init=_clip_init(bound)))
+                gguf = tuple(f"{projection}.{hf_bound}" for projection in gguf_projections)
+                out.append(stacked(f"{scope}/{bound}", "", names, gguf, replicate=len(names) > 1,
+                                   init=_clip_init(bound)))  # fmt: skip
     if v.standardize:
         out += [
-            leaf("standardize/bias", "vision_embed", "std_bias", init="zeros"),
-            leaf("standardize/scale", "vision_embed", "std_scale"),
+            leaf("standardize/bias", "vision_embed", "std_bias", "std_bias", init="zeros"),
+            leaf("standardize/scale", "vision_embed", "std_scale", "std_scale"),
         ]
-    projection = _Builder(sizes, ("embedder",), "embed_vision.", part="vision")
+    projection = _Builder(sizes, ("embedder",), "embed_vision.", "mm.", part="vision")
     out.append(projection("mm_input_projection/w", "vision_embed embed", "embedding_projection.weight",
-                          contracts="vision_embed", quant=TOWER))  # fmt: skip
+                          "input_projection.weight", contracts="vision_embed", quant=TOWER))  # fmt: skip
     return out
 
 
-# The clipped linears of a conformer layer: official scope, HF module.
+# The clipped linears of a conformer layer: official scope, HF module, mmproj name.
 _AUDIO_CLIPPED = (
-    ("fflayer_start/ffn_layer1", "feed_forward1.ffw_layer_1"),
-    ("fflayer_start/ffn_layer2", "feed_forward1.ffw_layer_2"),
-    ("trans_atten/self_atten/query", "self_attn.q_proj"),
-    ("trans_atten/self_atten/key", "self_attn.k_proj"),
-    ("trans_atten/self_atten/value", "self_attn.v_proj"),
-    ("trans_atten/post", "self_attn.post"),
-    ("lconv/linear_start", "lconv1d.linear_start"),
-    ("lconv/linear_end", "lconv1d.linear_end"),
-    ("fflayer_end/ffn_layer1", "feed_forward2.ffw_layer_1"),
-    ("fflayer_end/ffn_layer2", "feed_forward2.ffw_layer_2"),
+    ("fflayer_start/ffn_layer1", "feed_forward1.ffw_layer_1", "ffn_up"),
+    ("fflayer_start/ffn_layer2", "feed_forward1.ffw_layer_2", "ffn_down"),
+    ("trans_atten/self_atten/query", "self_attn.q_proj", "attn_q"),
+    ("trans_atten/self_atten/key", "self_attn.k_proj", "attn_k"),
+    ("trans_atten/self_atten/value", "self_attn.v_proj", "attn_v"),
+    ("trans_atten/post", "self_attn.post", "attn_out"),
+    ("lconv/linear_start", "lconv1d.linear_start", "conv_pw1"),
+    ("lconv/linear_end", "lconv1d.linear_end", "conv_pw2"),
+    ("fflayer_end/ffn_layer1", "feed_forward2.ffw_layer_1", "ffn_up_1"),
+    ("fflayer_end/ffn_layer2", "feed_forward2.ffw_layer_2", "ffn_down_1"),
 )
 AUDIO_LAYER = "conformer/stacked_layers_{i}"  # one key of the official tree: the Flax module name contains "/"
 
 
 def _audio(cfg: Gemma4Config) -> list[Leaf]:
-    """The audio encoder (spec §4.2, §5.1): conformer layers one by one, HF `model.audio_tower.` + `embed_audio`."""
+    """The audio encoder (spec §4.2, §5.1): conformer layers one by one, HF `model.audio_tower.` + `embed_audio`,
+    mmproj `a.` + `mm.a.`."""
     a = cfg.audio
     c0, c1 = a.subsampling_channels
     sizes = {
@@ -481,71 +499,79 @@ def _audio(cfg: Gemma4Config) -> list[Leaf]:
         "audio_heads": a.num_heads, "audio_head_dim": a.head_dim, "conv_kernel": a.conv_kernel_size,
         "audio_out": a.output_dim, "embed": cfg.embed_dim,
     }  # fmt: skip
-    leaf = _Builder(sizes, ("audio_encoder",), "audio_tower.", part="audio")
+    leaf = _Builder(sizes, ("audio_encoder",), "audio_tower.", "a.", part="audio")
+    sub = "subsample_conv_projection."
     out = [
-        leaf("feature/subsampling_0/kernel", "kh kw one channels0", "subsample_conv_projection.layer0.conv.weight",
+        leaf("feature/subsampling_0/kernel", "kh kw one channels0", sub + "layer0.conv.weight", "conv1d.0.weight",
              contracts="kh kw one", hf_axes="channels0 one kh kw", quant=TOWER),
-        leaf("feature/norm_0/scale", "channels0", "subsample_conv_projection.layer0.norm.weight"),
-        leaf("feature/subsampling_1/kernel", "kh kw channels0 channels1",
-             "subsample_conv_projection.layer1.conv.weight", contracts="kh kw channels0",
-             hf_axes="channels1 channels0 kh kw", quant=TOWER),
-        leaf("feature/norm_1/scale", "channels1", "subsample_conv_projection.layer1.norm.weight"),
-        leaf("feature/input_proj/kernel", "mel channels1 audio_embed",
-             "subsample_conv_projection.input_proj_linear.weight", contracts="mel channels1", quant=TOWER),
+        leaf("feature/norm_0/scale", "channels0", sub + "layer0.norm.weight", "conv1d.0.norm.weight"),
+        leaf("feature/subsampling_1/kernel", "kh kw channels0 channels1", sub + "layer1.conv.weight",
+             "conv1d.1.weight", contracts="kh kw channels0", hf_axes="channels1 channels0 kh kw", quant=TOWER),
+        leaf("feature/norm_1/scale", "channels1", sub + "layer1.norm.weight", "conv1d.1.norm.weight"),
+        leaf("feature/input_proj/kernel", "mel channels1 audio_embed", sub + "input_proj_linear.weight",
+             "input_projection.weight", contracts="mel channels1", quant=TOWER),
     ]  # fmt: skip
     for i in range(a.num_layers):
-        layer = _Builder(sizes, ("audio_encoder", AUDIO_LAYER.format(i=i)), f"audio_tower.layers.{i}.", part="audio")
-        for scope, hf_ffn in (("fflayer_start", "feed_forward1."), ("fflayer_end", "feed_forward2.")):
+        layer = _Builder(sizes, ("audio_encoder", AUDIO_LAYER.format(i=i)), f"audio_tower.layers.{i}.", f"a.blk.{i}.",
+                         part="audio")  # fmt: skip
+        for scope, hf_ffn, g in (("fflayer_start", "feed_forward1.", ""), ("fflayer_end", "feed_forward2.", "_1")):
             out += [
-                layer(f"{scope}/pre_layer_norm/scale", "audio_embed", hf_ffn + "pre_layer_norm.weight"),
+                layer(f"{scope}/pre_layer_norm/scale", "audio_embed", hf_ffn + "pre_layer_norm.weight",
+                      f"ffn_norm{g}.weight"),
                 layer(f"{scope}/ffn_layer1/kernel", "audio_embed audio_mlp", hf_ffn + "ffw_layer_1.linear.weight",
-                      contracts="audio_embed", quant=TOWER),
+                      f"ffn_up{g}.weight", contracts="audio_embed", quant=TOWER),
                 layer(f"{scope}/ffn_layer2/kernel", "audio_mlp audio_embed", hf_ffn + "ffw_layer_2.linear.weight",
-                      contracts="audio_mlp", quant=TOWER),
-                layer(f"{scope}/post_layer_norm/scale", "audio_embed", hf_ffn + "post_layer_norm.weight"),
+                      f"ffn_down{g}.weight", contracts="audio_mlp", quant=TOWER),
+                layer(f"{scope}/post_layer_norm/scale", "audio_embed", hf_ffn + "post_layer_norm.weight",
+                      f"ffn_post_norm{g}.weight"),
             ]  # fmt: skip
             if scope == "fflayer_start":  # the layer's order: FFN, attention, light conv, FFN, final norm
                 out += _conformer_middle(layer)
-        out.append(layer("final_ln/scale", "audio_embed", "norm_out.weight"))
+        out.append(layer("final_ln/scale", "audio_embed", "norm_out.weight", "ln2.weight"))
         if a.use_clipped_linears:
-            for scope, module in _AUDIO_CLIPPED:
+            for scope, module, gguf in _AUDIO_CLIPPED:
                 for bound, hf_bound in _CLIP_BOUNDS:
-                    out.append(layer(f"{scope}/{bound}", "", f"{module}.{hf_bound}", init=_clip_init(bound)))
+                    out.append(layer(f"{scope}/{bound}", "", f"{module}.{hf_bound}", f"{gguf}.{hf_bound}",
+                                     init=_clip_init(bound)))  # fmt: skip
     out += [
-        leaf("output_projection/kernel", "audio_embed audio_out", "output_proj.weight", contracts="audio_embed",
-             quant=TOWER),
-        leaf("output_projection/bias", "audio_out", "output_proj.bias", init="zeros"),
-        _Builder(sizes, ("embedder",), "embed_audio.", part="audio")(
-            "audio_input_projection/w", "audio_out embed", "embedding_projection.weight", contracts="audio_out",
-            quant=TOWER),
+        leaf("output_projection/kernel", "audio_embed audio_out", "output_proj.weight", "pre_encode.out.weight",
+             contracts="audio_embed", quant=TOWER),
+        leaf("output_projection/bias", "audio_out", "output_proj.bias", "pre_encode.out.bias", init="zeros"),
+        _Builder(sizes, ("embedder",), "embed_audio.", "mm.a.", part="audio")(
+            "audio_input_projection/w", "audio_out embed", "embedding_projection.weight", "input_projection.weight",
+            contracts="audio_out", quant=TOWER),
     ]  # fmt: skip
     return out
 
 
 def _conformer_middle(layer: _Builder) -> list[Leaf]:
-    """A conformer layer's attention (with its relative-position projection) and light convolution."""
+    """A conformer layer's attention (with its relative-position projection) and light convolution. (llama.cpp's
+    names for the two light-conv norms look swapped; they are its names.)"""
     return [
-        layer("trans_atten/pre_norm/scale", "audio_embed", "norm_pre_attn.weight"),
+        layer("trans_atten/pre_norm/scale", "audio_embed", "norm_pre_attn.weight", "attn_pre_norm.weight"),
         *(
             layer(f"trans_atten/self_atten/{name}/kernel", f"audio_embed audio_{name[0]}",
-                  f"self_attn.{name[0]}_proj.linear.weight", contracts="audio_embed", quant=TOWER)
+                  f"self_attn.{name[0]}_proj.linear.weight", f"attn_{name[0]}.weight", contracts="audio_embed",
+                  quant=TOWER)
             for name in ("query", "key", "value")
         ),
-        layer("trans_atten/self_atten/per_dim_scale", "audio_head_dim", "self_attn.per_dim_scale", init="zeros"),
+        layer("trans_atten/self_atten/per_dim_scale", "audio_head_dim", "self_attn.per_dim_scale",
+              "per_dim_scale.weight", init="zeros", gguf_form="softplus"),
         layer("trans_atten/self_atten/relative_position_embedding/pos_proj/kernel",
-              "audio_embed audio_heads audio_head_dim", "self_attn.relative_k_proj.weight", contracts="audio_embed",
-              quant=TOWER),
+              "audio_embed audio_heads audio_head_dim", "self_attn.relative_k_proj.weight", "attn_k_rel.weight",
+              contracts="audio_embed", quant=TOWER),
         layer("trans_atten/post/kernel", "audio_heads audio_head_dim audio_embed", "self_attn.post.linear.weight",
-              contracts="audio_heads audio_head_dim", quant=TOWER),
-        layer("trans_atten/post_norm/scale", "audio_embed", "norm_post_attn.weight"),
-        layer("lconv/ln/scale", "audio_embed", "lconv1d.pre_layer_norm.weight"),
+              "attn_out.weight", contracts="audio_heads audio_head_dim", quant=TOWER),
+        layer("trans_atten/post_norm/scale", "audio_embed", "norm_post_attn.weight", "attn_post_norm.weight"),
+        layer("lconv/ln/scale", "audio_embed", "lconv1d.pre_layer_norm.weight", "conv_norm.weight"),
         layer("lconv/linear_start/kernel", "audio_embed audio_glu", "lconv1d.linear_start.linear.weight",
-              contracts="audio_embed", quant=TOWER),
+              "conv_pw1.weight", contracts="audio_embed", quant=TOWER),
         layer("lconv/depthwise_conv1d/kernel", "conv_kernel one audio_embed", "lconv1d.depthwise_conv1d.weight",
-              contracts="conv_kernel", hf_axes="audio_embed one conv_kernel", quant=TOWER),
-        layer("lconv/conv_norm/scale", "audio_embed", "lconv1d.conv_norm.weight"),
+              "conv_dw.weight", contracts="conv_kernel", hf_axes="audio_embed one conv_kernel", quant=TOWER,
+              gguf_form="squeeze"),
+        layer("lconv/conv_norm/scale", "audio_embed", "lconv1d.conv_norm.weight", "norm_conv.weight"),
         layer("lconv/linear_end/kernel", "audio_embed audio_end", "lconv1d.linear_end.linear.weight",
-              contracts="audio_embed", quant=TOWER),
+              "conv_pw2.weight", contracts="audio_embed", quant=TOWER),
     ]  # fmt: skip
 
 

@@ -57,6 +57,7 @@ class WeightSource:
 
     def __init__(self, config: Gemma4Config, description: str, directory: str | None = None, other=()):
         self.config, self.description, self.directory, self.other = config, description, directory, list(other)
+        self.text_only = False  # the encoders were left out on request (`drop_towers`)
         self._current: tuple[Leaf, tuple[np.ndarray, ...]] | None = None
 
     def leaves(self) -> tuple[Leaf, ...]:
@@ -66,6 +67,7 @@ class WeightSource:
         """The text decoder alone: the encoders' leaves are no longer read (they join `other`)."""
         self.other += [leaf.name for leaf in self.leaves() if leaf.part != "text"]
         self.config = self.config.text_only()
+        self.text_only = True
         return self
 
     def has(self, leaf: Leaf) -> bool:

@@ -23,12 +23,15 @@ python -m pip install -q -e '.[test]'
 if [ ! -f .cache/sdist/llama_cpp_python-0.3.36.tar.gz ]; then
   python -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d .cache/sdist
 fi
-# llama.cpp itself (llama-cpp-python) is the reference runtime of tests/test_gguf.py. It is not in the `test` extra:
-# PyPI has it as an sdist only, a ~10-minute llama.cpp build on 2 cores, which `pip install -e .[test]` would impose on
-# everyone. Built here once from the sdist downloaded above (pip caches the wheel); LLAVA_BUILD=OFF skips the
-# multimodal library the tests don't use.
-if ! python -c 'import llama_cpp, sys; sys.exit(llama_cpp.__version__ != "0.3.36")' 2>/dev/null; then
-  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" python -m pip install -q .cache/sdist/llama_cpp_python-0.3.36.tar.gz
+# llama.cpp itself (llama-cpp-python, with its multimodal library mtmd) is the reference runtime of
+# tests/test_gguf*.py. It is not in the `test` extra: PyPI has it as an sdist only, a ~10-minute llama.cpp build on
+# 2 cores, which `pip install -e .[test]` would impose on everyone. Built here once from the sdist downloaded above;
+# --no-cache-dir so that a wheel cached from a build without mtmd (LLAVA_BUILD=OFF) is never reused.
+if ! python -c 'import llama_cpp, sys; from llama_cpp import mtmd_cpp; sys.exit(llama_cpp.__version__ != "0.3.36")' \
+    2>/dev/null; then
+  python -m pip uninstall -q -y llama-cpp-python 2>/dev/null || true
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=ON}" python -m pip install -q --no-cache-dir \
+    .cache/sdist/llama_cpp_python-0.3.36.tar.gz
 fi
 ruff check .
 ruff format --check .

@@ -9,7 +9,8 @@ The three targets differ on purpose, each following what its runtime (or its ref
 - GGUF (`gguf_type`): what llama.cpp's own tools write, so our files equal theirs: `convert_hf_to_gguf.py` keeps
   1-D tensors and the router in f32; `llama-quantize ... Q4_0` leaves the PLE context projection in f16 and puts
   the two embedding tables in Q6_K (we have no Q6_K encoder and use Q8_0, llama-quantize's own fallback for them),
-  while the per-layer PLE gate/projection go to Q4_0 like every other matrix.
+  while the per-layer PLE gate/projection go to Q4_0 like every other matrix. The encoders go to a separate
+  projector file (`mmproj_type`) at f32/f16/bf16/q8_0, typed as llama.cpp's converter types its mmproj files.
 - LiteRT (`litert_bits`): what ai-edge-quantizer's dynamic recipe does to FULLY_CONNECTED weights (every matrix,
   the router and the tied LM head included, per-channel at the asked bits), with the per-layer-input projections
   kept at `ple_bits` (Google's E2B bundle keeps them at 8) and the lookup tables as int8 rows (GATHER reads int8).
@@ -145,6 +146,37 @@ def gguf_type(leaf: Leaf | None, shape: tuple[int, ...], quant: str):
     if leaf.quant in (EMBEDDING, PLE_TABLE):
         return T.Q8_0
     return T.Q4_0
+
+
+MMPROJ_QUANTS = ("f32", "f16", "bf16", "q8_0")
+
+
+def mmproj_type(leaf: Leaf, name: str, shape: tuple[int, ...], quant: str):
+    """The GGML type of an encoder tensor `name` (its mmproj name) with `shape` in an mmproj file of `quant`.
+
+    As llama.cpp's converter writes Gemma 4 projectors (`convert_hf_to_gguf.py`, class Gemma4VisionAudioModel):
+    vectors, norms, biases and clip bounds in f32; the position table in f32; the audio front end (the
+    sub-sampling convolutions and, by the converter's name match on `subsample_conv_projection`, its input
+    projection) and the depthwise convolutions in f32; the patch embedding in f16 at f16 and f32 otherwise (mtmd's
+    im2col takes f16/f32 kernels); every other matrix at `quant`, in f16 where its rows do not split into q8_0
+    blocks."""
+    from gguf import GGMLQuantizationType as T
+
+    if quant not in MMPROJ_QUANTS:
+        raise Gemma4Error(
+            f"the vision/audio encoders cannot be stored as {quant!r} in a GGUF mmproj; use one of "
+            f"{', '.join(MMPROJ_QUANTS)}"
+        )
+    audio_conv = leaf.part == "audio" and (leaf.path[1] == "feature" or leaf.gguf_form == "squeeze")
+    if quant == "f32" or len(shape) <= 1 or not name.endswith(".weight") or name.endswith("_norm.weight"):
+        return T.F32
+    if name.endswith("position_embd.weight") or audio_conv:
+        return T.F32
+    if leaf.gguf_form == "patch_chw":
+        return T.F16 if quant == "f16" else T.F32
+    if quant == "q8_0" and shape[-1] % GGML_BLOCK == 0:
+        return T.Q8_0
+    return T.BF16 if quant == "bf16" else T.F16
 
 
 # ----- LiteRT ------------------------------------------------------------------------------------------------
