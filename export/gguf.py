@@ -294,6 +294,11 @@ def add_metadata(writer, config, quant: str, vocab: Vocab, name: str) -> None:
     writer.add_token_scores([-1000.0] * len(vocab.tokens))
     writer.add_token_types(vocab.token_types)
     special = vocab.special
+    # A tokenizer.json without tokenizer_config.json names no special tokens; llama.cpp would then add BOS id -1
+    # (it forces add_bos for gemma4). Gemma 4's own pieces say which they are.
+    for kind, piece in (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"), ("unk", "<unk>")):
+        if kind not in special.special_token_ids and piece in vocab.tokens:
+            special.special_token_ids[kind] = vocab.tokens.index(piece)
     # The chat template emits <bos> itself, but llama.cpp forces add_bos for gemma4 (and the converter writes it).
     special.add_special_token = {k: v for k, v in special.add_special_token.items() if k != "bos"}
     special.add_to_gguf(writer, quiet=True)
