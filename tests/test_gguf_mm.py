@@ -204,7 +204,6 @@ def decisive_export(hf_checkpoint, media, tmp_path_factory):
     return params, items, examples, ckpt, text
 
 
-@pytest.mark.slow
 def _f16_patch_embedding(params, medium):
     """(params, config, image) for our encoder with mtmd's patch-embedding rounding: the pixels (scaled to [-1, 1])
     and the patch kernel rounded to f16."""
@@ -269,6 +268,7 @@ def _tensor_bytes(path: str) -> dict[str, bytes]:
     return {name: np.asarray(t.data).tobytes() for name, t in _read(path)[1].items()}
 
 
+@pytest.mark.slow
 def test_mmproj_of_merged_lora_and_quantized_checkpoints(hf_checkpoint, tmp_path, capsys):
     """A merged LoRA fine-tune and a quantized checkpoint carry the encoders over unchanged: their mmproj files
     hold the base checkpoint's bytes, while the text GGUF of the merge does change."""
