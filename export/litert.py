@@ -6,8 +6,15 @@ Writes to the output directory (built in a temp dir next to it, then renamed):
   every layer that owns K/V; outputs `logits` [1, T, V] and the updated caches under the same names.
 - `per_layer_embedder.tflite` (PLE models): signature `per_layer_embedder`, `token_ids` [1, 1] ->
   `embeddings` [1, 1, L, P], the PLE table on its own so the runtime can mmap it (as Google's E2B file does).
-- `model.litertlm`: both models, LlmMetadata (gemma4, start/stop tokens, chat template) and the SentencePiece
-  tokenizer, when the checkpoint (or --tokenizer) has a `tokenizer.model`.
+- `embedder.tflite` (PLE models, and any export with towers): signature `embedder`, `token_ids` [1, 1] ->
+  `embeddings` [1, 1, D] (scaled). The main model then takes `embeddings` instead of `tokens`: the LiteRT-LM
+  engine puts soft tokens into the prompt only on that path (with a `tokens` model it silently drops images).
+- the vision/audio tower models (`--modalities`, default: the towers the checkpoint has), see
+  `litert_towers`.
+- `model.litertlm`: all models in the section order of Google's Gemma 4 E2B bundle, LlmMetadata (gemma4 with
+  the image/audio marker tokens, patch size, patch budget and pooling kernel; start/stop tokens; a chat
+  template that renders image/audio parts as `<|image|>`/`<|audio|>`) and the SentencePiece tokenizer, when the
+  checkpoint (or --tokenizer) has a `tokenizer.model`.
 - `export.json`: what was exported and the measured agreement with JAX.
 
 Weights never pass through the converter: every matrix and lookup table is a signature input while the graph
@@ -19,8 +26,9 @@ int8 rows with float scales, dequantized in the graph after the gather (the PLE 
 Quantized exports read the parameters in bf16 and quantize them tensor by tensor (no float32 model is held).
 
 Before the output directory appears, the models run a short prefill + decode in the LiteRT interpreter and
-are compared with JAX (`gemma4_jax.model.apply`, or `litert_graph.step` on the same quantized weights); a
-mismatch fails the export and leaves nothing behind.
+are compared with JAX (`gemma4_jax.model.apply`, or `litert_graph.step` on the same quantized weights), and each
+tower model runs on a sample image / clip against our JAX encoders; a mismatch fails the export and leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -119,7 +127,16 @@ def weight_constants(tensors: dict) -> dict:
     return out
 
 
-def main_signatures(config, weights, prefill_len: int, cache_len: int):
+def side_models(config, towers: bool = False) -> list[str]:
+    """The side models the main model reads its inputs from (signature names of SIDE_MODELS): the embedder when
+    the main model takes `embeddings` (PLE configs: the LiteRT-LM runtime fills `per_layer_embeddings` only on
+    its embeddings path; exports with towers: soft tokens reach the model only there), plus the PLE model."""
+    if not (config.per_layer_input_dim or towers):
+        return []
+    return ["embedder", "per_layer_embedder"] if config.per_layer_input_dim else ["embedder"]
+
+
+def main_signatures(config, weights, prefill_len: int, cache_len: int, towers: bool = False):
     """The prefill and decode signatures of the main model (see module doc), weights as trailing inputs, and
     the weight tensors they take ({name: tensor})."""
     import numpy as np
@@ -129,20 +146,20 @@ def main_signatures(config, weights, prefill_len: int, cache_len: int):
     shapes = litert_graph.cache_shapes(config, cache_len)
     names = list(shapes)
     ple = bool(config.per_layer_input_dim)
+    embeddings = bool(side_models(config, towers))
     tensors = litert_graph.named_tensors(weights)
     tensors.pop(litert_graph.PLE_TABLE, None)  # the PLE model's
-    if ple:
-        tensors.pop(litert_graph.EMBEDDING)  # the embedder model's
+    if embeddings:
+        tensors.pop(litert_graph.EMBEDDING)  # the embedder model's (the LM head is its own tensor)
     extra = weight_inputs(tensors)
 
     def signature(name: str, t: int):
-        # PLE models read `embeddings` from the embedder model instead of `tokens`: the LiteRT-LM runtime fills
-        # `per_layer_embeddings` only on its embeddings path (with `tokens` it leaves them unset).
-        if ple:
-            inputs = [
-                ("embeddings", (1, t, config.embed_dim), np.float32),
-                ("per_layer_embeddings", (1, t, config.num_layers, config.per_layer_input_dim), np.float32),
-            ]
+        if embeddings:
+            inputs = [("embeddings", (1, t, config.embed_dim), np.float32)]
+            if ple:
+                inputs.append(
+                    ("per_layer_embeddings", (1, t, config.num_layers, config.per_layer_input_dim), np.float32)
+                )
         else:
             inputs = [("tokens", (1, t), np.int32)]
         inputs += [("input_pos", (t,), np.int32)] + [(n, shapes[n], np.float32) for n in names]
@@ -154,6 +171,9 @@ def main_signatures(config, weights, prefill_len: int, cache_len: int):
             if ple:
                 x, rows, input_pos = args[:3]
                 return litert_graph.step(config, w, None, input_pos, rows, caches, x)
+            if embeddings:
+                x, input_pos = args[:2]
+                return litert_graph.step(config, w, None, input_pos, None, caches, x)
             tokens, input_pos = args[:2]
             return litert_graph.step(config, w, tokens, input_pos, None, caches)
 
@@ -163,7 +183,7 @@ def main_signatures(config, weights, prefill_len: int, cache_len: int):
 
 
 def side_signature(config, weights, name: str):
-    """A PLE config's side model (`embedder` or `per_layer_embedder`): token_ids [1, 1] -> `embeddings`, its
+    """A side model (`embedder` or `per_layer_embedder`): token_ids [1, 1] -> `embeddings`, its
     table as an input; and {table name: table}."""
     import numpy as np
 
@@ -182,20 +202,19 @@ def side_signature(config, weights, name: str):
     return litert_convert.Signature(name, fn, inputs, ["embeddings"]), tensors
 
 
-def convert_models(config, weights, prefill_len: int, cache_len: int) -> dict:
-    """Converts the main model (and the side models of PLE configs) without weight constants:
+def convert_models(config, weights, prefill_len: int, cache_len: int, towers: bool = False) -> dict:
+    """Converts the main model (and its `side_models`) without weight constants:
     {file name: (converted bytes, {input name: litert_convert.Constant})}, for `write_models`."""
     from gemma4_jax.export import litert_convert
 
     out = {}
-    names = list(SIDE_MODELS) if config.per_layer_input_dim else []
-    for name in names:
+    for name in side_models(config, towers):
         t0 = time.time()
         signature, tensors = side_signature(config, weights, name)
         out[SIDE_MODELS[name]] = (litert_convert.convert([signature]), weight_constants(tensors))
         _log(f"{name} converted in {time.time() - t0:.0f} s")
     t0 = time.time()
-    signatures, tensors = main_signatures(config, weights, prefill_len, cache_len)
+    signatures, tensors = main_signatures(config, weights, prefill_len, cache_len, towers)
     out["model.tflite"] = (litert_convert.convert(signatures), weight_constants(tensors))
     _log(f"prefill/decode model converted in {time.time() - t0:.0f} s")
     return out
@@ -320,6 +339,8 @@ class LiteRTRunner:
             return {"tokens": np.asarray(tokens, np.int32)[None]}
         out = {}
         for name, input_name in (("embedder", "embeddings"), ("per_layer_embedder", "per_layer_embeddings")):
+            if name not in self._side:
+                continue
             rows = [self._side[name](token_ids=np.asarray([[t]], np.int32))["embeddings"] for t in tokens]
             out[input_name] = np.concatenate(rows, axis=1)
         return out
@@ -382,9 +403,67 @@ def compare(config, model, side, prefill_len, cache_len, prompt, reference, xnnp
     return err, scale, got_tokens
 
 
-def write_bundle(path, config, model_dir, side_names, tokenizer_dir, cache_len) -> None:
-    """The .litertlm: LlmMetadata, SentencePiece tokenizer, prefill/decode model, embedder + per-layer
-    embedder (PLE models), read from `model_dir`."""
+# The chat template of bundles with towers when the checkpoint's own does not render media parts as the engine's
+# placeholders: the Gemma 4 turn format of `tokenizer.render_gemma4` (user/model/system turns, text, image and
+# audio parts). The engine adds <bos> itself (LlmMetadata.start_token) and finds `<|image|>` / `<|audio|>` in the
+# rendered text by regex, replacing each with the marker tokens and the tower's soft tokens.
+GEMMA4_MEDIA_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set role = 'model' if message['role'] in ['assistant', 'model'] else message['role'] -%}"
+    "{{- '<|turn>' + role + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] | trim -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] | trim -}}"
+    "{%- elif part['type'] == 'image' -%}{{- '<|image|>' -}}"
+    "{%- elif part['type'] == 'audio' -%}{{- '<|audio|>' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<turn|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}{%- endif -%}"
+)
+# The marker tokens of the Gemma4 LlmMetadata (the engine takes their strings, not ids): (field, config id).
+_MARKERS = {
+    "vision": (("start_of_image_token", "boi_token_id"), ("end_of_image_token", "eoi_token_id")),
+    "audio": (("start_of_audio_token", "boa_token_id"), ("end_of_audio_token", "eoa_token_id")),
+}
+# Section order of Google's Gemma 4 E2B bundle (litert-community/gemma-4-E2B-it-litert-lm): after the metadata
+# and tokenizer, the embedders, the audio sections, the vision sections, then prefill/decode. The engine finds
+# sections by type; the order only makes our bundle read like theirs.
+BUNDLE_ORDER = (
+    "embedder.tflite",
+    "per_layer_embedder.tflite",
+    "audio_encoder.tflite",
+    "audio_adapter.tflite",
+    "end_of_audio.tflite",
+    "vision_encoder.tflite",
+    "vision_adapter.tflite",
+    "end_of_vision.tflite",
+    "model.tflite",
+)
+
+
+def bundle_template(tokenizer, parts) -> str | None:
+    """The bundle's chat template: the checkpoint's, unless the export has towers and that template does not
+    render image/audio parts as `<|image|>`/`<|audio|>` (or there is none); then GEMMA4_MEDIA_TEMPLATE."""
+    from gemma4_jax.tokenizer import render_jinja
+
+    if not parts or tokenizer.chat_template is None:
+        return GEMMA4_MEDIA_TEMPLATE if parts else None
+    probe = [{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": "x"}]}]
+    try:
+        text = render_jinja(tokenizer.chat_template, probe, add_generation_prompt=True, bos_token="", eos_token="")
+    except Gemma4Error:
+        text = ""
+    if all(marker in text for marker in ("<|image|>", "<|audio|>")):
+        return tokenizer.chat_template
+    _log("the checkpoint's chat template does not render media parts as <|image|>/<|audio|>: bundling Gemma 4's")
+    return GEMMA4_MEDIA_TEMPLATE
+
+
+def write_bundle(path, config, model_dir, tokenizer_dir, cache_len, sections, parts=(), image_tokens=0) -> None:
+    """The .litertlm: LlmMetadata, SentencePiece tokenizer and the models `sections` ({file in `model_dir`:
+    (litertlm_builder.TfLiteModelType name, backend constraint or None)}) in BUNDLE_ORDER. `parts`: the towers
+    ("vision", "audio"), whose marker tokens and (vision) patch geometry go into the Gemma4 metadata."""
     from litert_lm_builder import litertlm_builder as builder
     from litert_lm_builder.runtime.proto import llm_metadata_pb2, llm_model_type_pb2
 
@@ -393,13 +472,28 @@ def write_bundle(path, config, model_dir, side_names, tokenizer_dir, cache_len) 
 
     tokenizer = load_tokenizer(tokenizer_dir)
     meta = llm_metadata_pb2.LlmMetadata()
-    meta.llm_model_type.CopyFrom(llm_model_type_pb2.LlmModelType(gemma4=llm_model_type_pb2.Gemma4()))
+    gemma4 = llm_model_type_pb2.Gemma4()
+    for part in parts:
+        for field, id_name in _MARKERS[part]:
+            token = getattr(config, id_name)
+            piece = tokenizer.id_to_piece(token)
+            if tokenizer.encode(piece) != [token]:
+                raise Gemma4Error(f"the tokenizer has no single token for {id_name} {token} ({piece!r})")
+            getattr(gemma4, field).token_str = piece
+    if "vision" in parts:
+        from gemma4_jax.export.litert_towers import image_patches
+
+        gemma4.patch_width = gemma4.patch_height = config.vision.patch_size
+        gemma4.max_num_patches = image_patches(image_tokens)
+        gemma4.pooling_kernel_size = config.vision.pooling_kernel
+    meta.llm_model_type.CopyFrom(llm_model_type_pb2.LlmModelType(gemma4=gemma4))
     meta.start_token.token_ids.ids.append(config.bos_id)
     for stop in dict.fromkeys((config.eos_id, *DEFAULT_STOP_TOKENS)):
         meta.stop_tokens.add().token_ids.ids.append(stop)
     meta.max_num_tokens = cache_len
-    if tokenizer.chat_template:
-        meta.jinja_prompt_template = tokenizer.chat_template
+    template = bundle_template(tokenizer, parts)
+    if template:
+        meta.jinja_prompt_template = template
     work = os.path.dirname(path)
     meta_path = os.path.join(work, ".llm_metadata.pb")
     with open(meta_path, "wb") as f:
@@ -407,13 +501,11 @@ def write_bundle(path, config, model_dir, side_names, tokenizer_dir, cache_len) 
     b = builder.LitertLmFileBuilder()
     b.add_llm_metadata(meta_path)
     b.add_sentencepiece_tokenizer(os.path.join(tokenizer_dir, "tokenizer.model"))
-    b.add_tflite_model(os.path.join(model_dir, "model.tflite"), builder.TfLiteModelType.PREFILL_DECODE)
-    kinds = {
-        "embedder": builder.TfLiteModelType.EMBEDDER,
-        "per_layer_embedder": builder.TfLiteModelType.PER_LAYER_EMBEDDER,
-    }
-    for name in side_names:
-        b.add_tflite_model(os.path.join(model_dir, SIDE_MODELS[name]), kinds[name])
+    for file in sorted(sections, key=BUNDLE_ORDER.index):
+        kind, backend = sections[file]
+        b.add_tflite_model(
+            os.path.join(model_dir, file), getattr(builder.TfLiteModelType, kind), backend_constraint=backend
+        )
     with open(path, "wb") as f:
         b.build(f)
     os.remove(meta_path)
@@ -538,6 +630,64 @@ def check_against_jax(source, weights, converted, paths, work: str, quant: str, 
     }
 
 
+def export_towers(source, parts, tmp: str, quant: str, tower_quant, image_tokens: int, frames: int, markers):
+    """Step 5: the tower models of `parts`, converted, written into `tmp` and checked against our JAX encoders
+    (float or weight-only twin: <= litert_towers.TOLERANCE x max(1, max |output|); the dynamic-range int8 models
+    ship with a bound against gross breakage). `markers` {part: the embedder's row of its end marker}.
+    Returns ({file: (model type, backend)}, check summary)."""
+    import gc
+
+    import numpy as np
+
+    from gemma4_jax.export import litert_towers as towers
+    from gemma4_jax.quant.policy import litert_tower_bits
+
+    bits = litert_tower_bits(quant, tower_quant)
+    sections, check = {}, {"tower_bits": bits or 32}
+    for part in parts:
+        t0 = time.time()
+        weights = towers.read_tower(source, part, bits)
+        if part == "vision":
+            models = towers.vision_models(source.config, weights, markers[part], image_tokens)
+        else:
+            models = towers.audio_models(source.config, weights, markers[part], frames)
+        converted = towers.convert(models)
+        paths = write_models(converted, tmp)
+        _log(f"{part} tower converted and bound in {time.time() - t0:.0f} s (peak RSS so far {_peak_rss_mb():.0f} MiB)")
+        for m in models:
+            sections[m.file] = (m.kind, m.backend)
+        end_of_media = models[-1]
+        got = towers.run_model(paths[end_of_media.file], {})[end_of_media.signature.outputs[0]]
+        if not np.array_equal(got.reshape(-1), np.asarray(markers[part], np.float32)):
+            raise Gemma4Error(f"{end_of_media.file} does not return the embedder's row; nothing written")
+        twin_dir = tempfile.mkdtemp(dir=tmp)
+        for file, (inputs, expected) in towers.references(source.config, {part: weights}, image_tokens, frames).items():
+            checked = write_models({file: converted[file]}, twin_dir, True)[file] if bits else paths[file]
+            err, scale = towers.compare(checked, inputs, expected)
+            tol = towers.TOLERANCE * max(1.0, scale)
+            entry = {"max_abs_diff": err, "max_abs_output": scale, "tolerance": tol}
+            _log(f"{file} vs JAX{' (weight-only twin)' if bits else ''}: max |diff| {err:.3g} (tol {tol:.3g})")
+            if not err <= tol:
+                raise Gemma4Error(
+                    f"{file} disagrees with our JAX encoder: max |diff| {err:.4g} > {tol:.4g}; nothing written"
+                )
+            if bits:
+                err, _ = towers.compare(paths[file], inputs, expected)
+                bound = towers.DYNAMIC_BOUND * max(1.0, scale)
+                _log(
+                    f"{file} dynamic-range int8 vs JAX: max |diff| {err:.3g} ({err / max(1.0, scale):.3g} of the scale)"
+                )
+                if not err <= bound:
+                    raise Gemma4Error(f"the int8 {file} is off by {err:.4g} > {bound:.4g}; nothing written")
+                entry |= {"dynamic_max_abs_diff": err, "dynamic_bound": bound}
+            check[file] = entry
+        shutil.rmtree(twin_dir)
+        del weights, converted
+        gc.collect()
+        _log(f"{part} tower checked (peak RSS so far {_peak_rss_mb():.0f} MiB)")
+    return sections, check
+
+
 def export_litert(
     source,
     out: str,
@@ -547,24 +697,53 @@ def export_litert(
     prefill_len: int = 128,
     cache_len: int = 1024,
     tokenizer_dir: str | None = None,
+    modalities: str | None = None,
+    image_tokens: int | None = None,
+    audio_frames: int | None = None,
+    tower_quant: str | None = None,
 ) -> str:
     """Writes the LiteRT models of `source` (a `sources.WeightSource`) and, with a SentencePiece tokenizer, the
-    .litertlm bundle into the new directory `out` (see the module doc). Returns a one-line summary."""
+    .litertlm bundle into the new directory `out` (see the module doc). `modalities`: "text,vision,audio" or a
+    part of it (default: the towers the checkpoint has); `image_tokens` (default 280) and `audio_frames` (default
+    3000) size the towers' inputs (`litert_towers`); `tower_quant` "float"/"int8" (default: int8 when quantized).
+    Returns a one-line summary."""
     import gc
+
+    import numpy as np
 
     from gemma4_jax import files
     from gemma4_jax.errors import require_packages
+    from gemma4_jax.export import litert_graph
+    from gemma4_jax.export import litert_towers as towers
+    from gemma4_jax.quant.policy import litert_tower_bits
 
     start = time.time()
     require_packages("ai_edge_litert", "litert_converter", "litert_lm_builder", extra="litert", what="export litert")
     _check_options(quant, ple_bits, prefill_len, cache_len)
+    cfg = source.config
+    parts = towers.select_parts(cfg, modalities)
+    image_tokens, audio_frames = towers.check_sizes(parts, image_tokens, audio_frames)
+    litert_tower_bits(quant, tower_quant)  # an unsupported tower quant fails before any work
     out = files.check_output(out, directory=True)
     tokenizer_dir = _find_tokenizer(tokenizer_dir, source)
-    cfg = source.config
     ple_bits = {"none": 32, "int8": 8, "int4": ple_bits}[quant]
-    _log(f"{cfg.name}: {source.description}, quant {quant}, prefill {prefill_len}, cache {cache_len}")
+    _log(
+        f"{cfg.name}: {source.description}, quant {quant}, prefill {prefill_len}, cache {cache_len}, "
+        f"modalities {','.join(['text', *parts])}"
+    )
+    if "vision" in parts and cfg.vision_bidirectional:
+        _log(
+            "note: this model attends bidirectionally among an image's soft tokens; the exported prefill is causal "
+            "(no attention-mask input / ExecutorMetadata yet), so the engine's image answers can differ from JAX"
+        )
     weights = prepare_weights(source, quant, ple_bits)
-    converted = convert_models(cfg, weights, prefill_len, cache_len)
+    # The end-of-media models return the embedder's rows of `<image|>` / `<audio|>`, as the embedder gives them.
+    ends = {"vision": cfg.eoi_token_id, "audio": cfg.eoa_token_id}
+    markers = {
+        part: np.asarray(litert_graph.embed(cfg, weights[litert_graph.EMBEDDING], np.asarray([[ends[part]]])))[0, 0]
+        for part in parts
+    }
+    converted = convert_models(cfg, weights, prefill_len, cache_len, towers=bool(parts))
     if quant == "none":
         del weights  # the check reads the source again
         weights = None
@@ -576,10 +755,20 @@ def export_litert(
         check = check_against_jax(source, weights, converted, paths, tmp, quant, prefill_len, cache_len)
         del converted, weights
         gc.collect()
-        names = list(paths)
-        side = [name for name, file in SIDE_MODELS.items() if file in paths]
+        _log(f"text models checked (peak RSS so far {_peak_rss_mb():.0f} MiB)")
+        kinds = {"embedder": "EMBEDDER", "per_layer_embedder": "PER_LAYER_EMBEDDER"}
+        sections = {SIDE_MODELS[name]: (kinds[name], None) for name in side_models(cfg, bool(parts))}
+        sections["model.tflite"] = ("PREFILL_DECODE", None)
+        tower_sections, tower_check = export_towers(
+            source, parts, tmp, quant, tower_quant, image_tokens, audio_frames, markers
+        )
+        sections |= tower_sections
+        if parts:
+            check["towers"] = tower_check
+        names = sorted(sections, key=BUNDLE_ORDER.index)
         if tokenizer_dir:
-            write_bundle(os.path.join(tmp, "model.litertlm"), cfg, tmp, side, tokenizer_dir, cache_len)
+            bundle = os.path.join(tmp, "model.litertlm")
+            write_bundle(bundle, cfg, tmp, tokenizer_dir, cache_len, sections, parts, image_tokens)
             names.append("model.litertlm")
         else:
             _log("no tokenizer.model (pass --tokenizer DIR): .litertlm bundle skipped")
@@ -590,6 +779,13 @@ def export_litert(
             "ple_bits": ple_bits,
             "prefill_len": prefill_len,
             "cache_len": cache_len,
+            "modalities": ["text", *parts],
+            **(
+                {"image_tokens": image_tokens, "max_num_patches": towers.image_patches(image_tokens)}
+                if "vision" in parts
+                else {}
+            ),
+            **({"audio_frames": audio_frames} if "audio" in parts else {}),
             "files": {name: os.path.getsize(os.path.join(tmp, name)) for name in names},
             "check": check,
             "seconds": round(time.time() - start, 1),

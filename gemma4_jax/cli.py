@@ -480,6 +480,10 @@ def cmd_export_litert(args) -> int:
         prefill_len=args.prefill_len,
         cache_len=args.cache_len,
         tokenizer_dir=args.tokenizer,
+        modalities=args.modalities,
+        image_tokens=args.image_tokens,
+        audio_frames=args.audio_frames,
+        tower_quant=args.tower_quant,
     )
     _print(summary)
     return 0
@@ -694,6 +698,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     el.add_argument("--prefill-len", type=int, default=128, help="tokens per prefill call (default 128)")
     el.add_argument("--cache-len", type=int, default=1024, help="KV cache length S (default 1024)")
+    el.add_argument(
+        "--modalities",
+        help="what the bundle takes: text plus vision and/or audio, comma-separated (default: text and every tower "
+        "the checkpoint has)",
+    )
+    el.add_argument(
+        "--image-tokens",
+        type=int,
+        help="soft tokens per image = patch budget / 9 of the vision encoder (70, 140, 280, 560, 1120; default 280, "
+        "transformers' default: 2520 patches)",
+    )
+    el.add_argument(
+        "--audio-frames",
+        type=int,
+        help="10-ms mel frames per audio encoder call, a multiple of 4 (default 3000: 30 s, the longest clip "
+        "transformers encodes; the engine splits longer audio into such chunks)",
+    )
+    el.add_argument(
+        "--tower-quant",
+        help="storage of the vision/audio towers' matrices: float or int8 (default: int8 per channel under --quant "
+        "int8 and int4 alike - the towers are never int4 - and float otherwise)",
+    )
     el.add_argument("--tokenizer", help="directory with tokenizer.model (default: the checkpoint directory)")
     el.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
     el.set_defaults(func=cmd_export_litert)

@@ -125,11 +125,11 @@ def _pool(x: Array, positions: Array, valid: Array, config: VisionConfig) -> tup
 def encode(params: Params, patches: Array, positions: Array, config: VisionConfig) -> tuple[Array, Array]:
     """Patches -> soft tokens, before the projection into the text space.
 
-    params: the official `vision_encoder` subtree. patches: [B, P, 768] pixel values in [0, 1] (row, col,
-    channel order, see `gemma4_jax.image`); positions: [B, P, 2] int (x = column, y = row; (-1, -1) = padding);
-    P must be a multiple of 9 (9 x the soft-token budget). Returns (soft tokens [B, P/9, d] in the parameter
-    dtype, valid [B, P/9] bool). The valid tokens of an image are its first `(H'/48)(W'/48)` slots, in
-    row-major order; the other slots are zero.
+    params: the official `vision_encoder` subtree (its stacked block may also be a list of per-layer trees).
+    patches: [B, P, 768] pixel values in [0, 1] (row, col, channel order, see `gemma4_jax.image`); positions:
+    [B, P, 2] int (x = column, y = row; (-1, -1) = padding); P must be a multiple of 9 (9 x the soft-token
+    budget). Returns (soft tokens [B, P/9, d] in the parameter dtype, valid [B, P/9] bool). The valid tokens of
+    an image are its first `(H'/48)(W'/48)` slots, in row-major order; the other slots are zero.
     """
     c = config
     b, p, m = patches.shape
@@ -156,7 +156,12 @@ def encode(params: Params, patches: Array, positions: Array, config: VisionConfi
     def layer(x, layer_params):
         return _block(x, layer_params, positions, valid, c), None
 
-    x, _ = jax.lax.scan(layer, x, params["transformer"]["stacked_layers"]["block"])
+    blocks = params["transformer"]["stacked_layers"]["block"]
+    if isinstance(blocks, (list, tuple)):  # one tree per layer: the LiteRT export, whose graphs have no loops
+        for layer_params in blocks:
+            x, _ = layer(x, layer_params)
+    else:
+        x, _ = jax.lax.scan(layer, x, blocks)
 
     # Exit: pool, then x sqrt(d) and standardization in >= f32 (the scaled values can exceed the fp16 range).
     tokens, token_valid = _pool(x, positions, valid, c)

@@ -14,6 +14,7 @@ The three targets differ on purpose, each following what its runtime (or its ref
 - LiteRT (`litert_bits`): what ai-edge-quantizer's dynamic recipe does to FULLY_CONNECTED weights (every matrix,
   the router and the tied LM head included, per-channel at the asked bits), with the per-layer-input projections
   kept at `ple_bits` (Google's E2B bundle keeps them at 8) and the lookup tables as int8 rows (GATHER reads int8).
+  The vision/audio towers' matrices are int8 per channel in any quantized export (`litert_tower_bits`).
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def mmproj_type(leaf: Leaf, name: str, shape: tuple[int, ...], quant: str):
 # ----- LiteRT ------------------------------------------------------------------------------------------------
 
 TABLE_BITS = 8  # lookup tables: GATHER reads int8 rows, dequantized in the graph
+TOWER_QUANTS = ("float", "int8")  # the vision/audio towers' matrices (LiteRT-LM's tower sections)
 
 
 def litert_bits(leaf: Leaf, bits: int, ple_bits: int) -> int | None:
@@ -194,3 +196,17 @@ def litert_bits(leaf: Leaf, bits: int, ple_bits: int) -> int | None:
     if leaf.quant in (MATRIX, ROUTER, EMBEDDING):
         return bits
     return TABLE_BITS
+
+
+def litert_tower_bits(quant: str, tower_quant: str | None = None) -> int | None:
+    """Bits of the vision/audio towers' FULLY_CONNECTED weights in a LiteRT export (None: float). By default int8
+    per channel in every quantized export, int4 ones included: litert-torch's Gemma 4 exporter gives the encoders
+    and adapters a dynamic int8 recipe, and the towers are small next to the decoder and run once per medium.
+    Float in a float export. The end-of-media rows and the non-matmul tensors stay float either way."""
+    if tower_quant is None:
+        tower_quant = "float" if quant == "none" else "int8"
+    if tower_quant not in TOWER_QUANTS:
+        raise Gemma4Error(
+            f"the LiteRT vision/audio towers can be stored as {' or '.join(TOWER_QUANTS)}, not {tower_quant!r}"
+        )
+    return 8 if tower_quant == "int8" else None
