@@ -298,7 +298,6 @@ def vision_models(config, weights: TowerWeights, eoi_row: np.ndarray, image_toke
         tree = graph_tree(weights, encoder_tensors | _tensors_from_args(adapter_tensors, args))
         return {"mm_embedding": vision.project(tree["embedder"]["mm_input_projection"], soft_tokens, vc)}
 
-    eoi = np.asarray(eoi_row, np.float32).reshape(1, 1, -1)
     enc_inputs = [("images", (1, maxp, vc.patch_values), np.float32), ("positions_xy", (1, maxp, 2), np.int32)]
     return [
         TowerModel(
@@ -319,12 +318,7 @@ def vision_models(config, weights: TowerWeights, eoi_row: np.ndarray, image_toke
             adapter_tensors,
             "cpu",
         ),
-        TowerModel(
-            "end_of_vision.tflite",
-            "END_OF_VISION",
-            Signature("eoi", lambda: {"eoi_embedding": jnp.asarray(eoi)}, [], ["eoi_embedding"]),
-            {},
-        ),
+        _end_of_media("end_of_vision.tflite", "END_OF_VISION", "eoi", eoi_row),
     ]
 
 
@@ -351,7 +345,6 @@ def audio_models(config, weights: TowerWeights, eoa_row: np.ndarray, frames: int
 
     enc_inputs = [("src_inputs", (1, frames, ac.num_mel_bins), np.float32), ("mask", (1, 1, frames), np.bool_)]
     adapter_inputs = [("features", (1, t, ac.output_dim), np.float32), ("mask", (1, t), np.bool_)]
-    eoa = np.asarray(eoa_row, np.float32).reshape(1, 1, -1)
     return [
         TowerModel(
             "audio_encoder.tflite",
@@ -367,13 +360,17 @@ def audio_models(config, weights: TowerWeights, eoa_row: np.ndarray, frames: int
             adapter_tensors,
             "cpu",
         ),
-        TowerModel(
-            "end_of_audio.tflite",
-            "END_OF_AUDIO",
-            Signature("eoa", lambda: {"eoa_embedding": jnp.asarray(eoa)}, [], ["eoa_embedding"]),
-            {},
-        ),
+        _end_of_media("end_of_audio.tflite", "END_OF_AUDIO", "eoa", eoa_row),
     ]
+
+
+def _end_of_media(file: str, section: str, name: str, row: np.ndarray) -> TowerModel:
+    """A model without inputs whose output `{name}_embedding` [1, 1, D] is the embedder's row of the end marker."""
+    from gemma4_jax.export.litert_convert import Signature
+
+    value = np.asarray(row, np.float32).reshape(1, 1, -1)
+    output = f"{name}_embedding"
+    return TowerModel(file, section, Signature(name, lambda: {output: jnp.asarray(value)}, [], [output]), {})
 
 
 def select_parts(config, modalities: str | None) -> list[str]:

@@ -149,26 +149,17 @@ def media(tmp_path_factory):
     utterances at 16 kHz."""
     import shutil
 
-    from PIL import Image as PILImage
+    from real_media import fixed_point_photo, speak
 
     from gemma4_jax import audio_features
 
     photos = {}
     for name, (h, w) in SIZES.items():
-        img = PILImage.open(os.path.join(skimage_data.data_dir, f"{name}.png")).convert("RGB")
-        scale = max(h / img.height, w / img.width)
-        img = img.resize((round(img.width * scale), round(img.height * scale)), PILImage.BICUBIC)
-        left, top = (img.width - w) // 2, (img.height - h) // 2
-        photos[name] = np.asarray(img.crop((left, top, left + w, top + h)))
+        photos[name] = np.asarray(fixed_point_photo(name, h, w))
         assert image.resized_size(h, w, BUDGET) == (h, w)
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is not installed (apt-get install espeak-ng)")
-    root = tmp_path_factory.mktemp("speech")
-    clips = []
-    for i, text in enumerate(SPEECH):
-        path = str(root / f"speech{i}.wav")
-        subprocess.run(["espeak-ng", "-w", path, text], check=True, capture_output=True)
-        clips.append(audio_features.load_audio(path))
+    clips = [audio_features.load_audio(path) for path in speak(tmp_path_factory.mktemp("speech"), SPEECH)]
     return photos, clips
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import decisive
 import numpy as np
@@ -133,25 +132,19 @@ def media(tmp_path_factory):
     px inside the budget: neither resizes) as PNGs, and two espeak-ng utterances as 16 kHz 16-bit WAVs (both sides
     read the same samples) cut so that the engine's one extra mel frame does not add a token."""
     import soundfile
-    from PIL import Image as PILImage
+    from real_media import fixed_point_photo, speak
 
     root = tmp_path_factory.mktemp("media")
     photos = {}
     for name, (h, w) in SIZES.items():
-        img = PILImage.open(os.path.join(skimage_data.data_dir, f"{name}.png")).convert("RGB")
-        scale = max(h / img.height, w / img.width)
-        img = img.resize((round(img.width * scale), round(img.height * scale)), PILImage.BICUBIC)
-        left, top = (img.width - w) // 2, (img.height - h) // 2
         path = str(root / f"{name}.png")
-        img.crop((left, top, left + w, top + h)).save(path)
+        fixed_point_photo(name, h, w).save(path)
         assert image.resized_size(h, w, BUDGET) == (h, w)
         photos[name] = path
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is not installed (apt-get install espeak-ng)")
     clips = []
-    for i, text in enumerate(SPEECH):
-        raw = str(root / f"raw{i}.wav")
-        subprocess.run(["espeak-ng", "-w", raw, text], check=True, capture_output=True)
+    for i, raw in enumerate(speak(root, SPEECH, stem="raw")):
         samples = audio_features.load_audio(raw)
         # Ours: (n - 161) // 160 + 1 frames; the engine's semicausal framing keeps the trailing partial frame,
         # one more. With ours = 4k + 1 both give k + 1 tokens.

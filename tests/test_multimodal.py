@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +51,9 @@ CASES = {
 def speech(tmp_path_factory):
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-    folder = tmp_path_factory.mktemp("speech")
-    paths = []
-    for i, text in enumerate(SPEECH):
-        path = str(folder / f"speech{i}.wav")
-        subprocess.run(["espeak-ng", "-w", path, text], check=True, capture_output=True)
-        paths.append(path)
-    return paths
+    from real_media import speak
+
+    return speak(tmp_path_factory.mktemp("speech"), SPEECH)
 
 
 _MODELS: dict[str, tuple] = {}
