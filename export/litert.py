@@ -3,7 +3,10 @@
 Writes to the output directory (built in a temp dir next to it, then renamed):
 - `model.tflite`: signatures `prefill` (T = --prefill-len) and `decode` (T = 1); inputs `tokens` [1, T],
   `input_pos` [T], `per_layer_embeddings` [1, T, L, P] (PLE models), `kv_cache_{k,v}_{i}` [1, KVH, S, Dh] for
-  every layer that owns K/V; outputs `logits` [1, T, V] and the updated caches under the same names.
+  every layer that owns K/V; outputs `logits` [1, T, V] and the updated caches under the same names. With
+  the vision tower of a model whose images attend bidirectionally (31B, 26B-A4B) also the engine's masks
+  `attn_mask` / `local_mask` [1, 1, T, S] bool (`litert_graph.MASK_INPUTS`), which the bundle's
+  ExecutorMetadata asks the engine to fill (`executor_metadata`).
 - `per_layer_embedder.tflite` (PLE models): signature `per_layer_embedder`, `token_ids` [1, 1] ->
   `embeddings` [1, 1, L, P], the PLE table on its own so the runtime can mmap it (as Google's E2B file does).
 - `embedder.tflite` (PLE models, and any export with towers): signature `embedder`, `token_ids` [1, 1] ->
@@ -33,6 +36,7 @@ nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -52,6 +56,7 @@ TOLERANCE = 1e-3
 TWIN_RELATIVE = 5e-3
 DYNAMIC_BOUND = 1.5
 _CHECK_DECODE_STEPS = 8
+DEFAULT_PREFILL = 128
 # Side models of PLE configs (signature name -> file name), fed to the main model as `embeddings` and
 # `per_layer_embeddings`.
 SIDE_MODELS = {"embedder": "embedder.tflite", "per_layer_embedder": "per_layer_embedder.tflite"}
@@ -138,7 +143,8 @@ def side_models(config, towers: bool = False) -> list[str]:
 
 def main_signatures(config, weights, prefill_len: int, cache_len: int, towers: bool = False):
     """The prefill and decode signatures of the main model (see module doc), weights as trailing inputs, and
-    the weight tensors they take ({name: tensor})."""
+    the weight tensors they take ({name: tensor}). With the vision tower of a model whose images attend
+    bidirectionally, both take the engine's masks (`litert_graph.MASK_INPUTS`)."""
     import numpy as np
 
     from gemma4_jax.export import litert_convert, litert_graph
@@ -147,6 +153,7 @@ def main_signatures(config, weights, prefill_len: int, cache_len: int, towers: b
     names = list(shapes)
     ple = bool(config.per_layer_input_dim)
     embeddings = bool(side_models(config, towers))
+    masked = bidirectional_masks(config, towers)
     tensors = litert_graph.named_tensors(weights)
     tensors.pop(litert_graph.PLE_TABLE, None)  # the PLE model's
     if embeddings:
@@ -162,24 +169,35 @@ def main_signatures(config, weights, prefill_len: int, cache_len: int, towers: b
                 )
         else:
             inputs = [("tokens", (1, t), np.int32)]
-        inputs += [("input_pos", (t,), np.int32)] + [(n, shapes[n], np.float32) for n in names]
+        inputs.append(("input_pos", (t,), np.int32))
+        if masked:
+            inputs += [(n, (1, 1, t, cache_len), np.bool_) for n in litert_graph.MASK_INPUTS.values()]
+        inputs += [(n, shapes[n], np.float32) for n in names]
         n_fixed = len(inputs)
 
         def fn(*args):
+            given = {n: a for (n, _, _), a in zip(inputs, args[:n_fixed], strict=True)}
             w = litert_graph.with_tensors(weights, _tensors_from_args(tensors, args[n_fixed:]))
-            caches = dict(zip(names, args[n_fixed - len(names) : n_fixed], strict=True))
-            if ple:
-                x, rows, input_pos = args[:3]
-                return litert_graph.step(config, w, None, input_pos, rows, caches, x)
-            if embeddings:
-                x, input_pos = args[:2]
-                return litert_graph.step(config, w, None, input_pos, None, caches, x)
-            tokens, input_pos = args[:2]
-            return litert_graph.step(config, w, tokens, input_pos, None, caches)
+            return litert_graph.step(
+                config,
+                w,
+                given.get("tokens"),
+                given["input_pos"],
+                given.get("per_layer_embeddings"),
+                {n: given[n] for n in names},
+                given.get("embeddings"),
+                {n: given[n] for n in litert_graph.MASK_INPUTS.values()} if masked else None,
+            )
 
         return litert_convert.Signature(name, fn, inputs + extra, ["logits", *names])
 
     return [signature("prefill", prefill_len), signature("decode", 1)], tensors
+
+
+def bidirectional_masks(config, towers: bool) -> bool:
+    """Whether the main model takes the engine's masks: images attend bidirectionally (31B, 26B-A4B) and the
+    export has towers (the bundle then carries the ExecutorMetadata that asks the engine for them)."""
+    return bool(towers and config.vision is not None and config.vision_bidirectional)
 
 
 def side_signature(config, weights, name: str):
@@ -330,14 +348,22 @@ class LiteRTRunner:
             self._side[name] = self._interpreters[-1].get_signature_runner(name)
         shapes = litert_graph.cache_shapes(config, cache_len)
         self.caches = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+        # Models whose images attend bidirectionally take the engine's masks (text prompts here: causal).
+        self._masked = litert_graph.MASK_INPUTS[False] in self._decode.get_input_details()
+        self.cache_len = cache_len
 
-    def _inputs(self, tokens):
-        """The main model's token inputs: `tokens`, or `embeddings` + `per_layer_embeddings` (PLE)."""
+    def _inputs(self, tokens, pos):
+        """The main model's inputs at positions `pos`: `tokens`, or `embeddings` + `per_layer_embeddings` (PLE),
+        and the masks of a bidirectional model."""
         import numpy as np
 
+        from gemma4_jax.export import litert_graph
+
+        out = {"input_pos": np.asarray(pos, np.int32)}
+        if self._masked:
+            out |= litert_graph.engine_masks(pos, self.cache_len)
         if not self._side:
-            return {"tokens": np.asarray(tokens, np.int32)[None]}
-        out = {}
+            return out | {"tokens": np.asarray(tokens, np.int32)[None]}
         for name, input_name in (("embedder", "embeddings"), ("per_layer_embedder", "per_layer_embeddings")):
             if name not in self._side:
                 continue
@@ -359,14 +385,13 @@ class LiteRTRunner:
         tokens[:t] = prompt
         pos = np.zeros(self.prefill_len, np.int32)
         pos[:t] = np.arange(start, start + t)
-        out = self._prefill(input_pos=pos, **self._inputs(tokens), **self.caches)
+        out = self._prefill(**self._inputs(tokens, pos), **self.caches)
         self.caches = {n: out[n] for n in self.caches}
         return out["logits"][0, :t]
 
     def decode(self, token: int, position: int):
-        import numpy as np
 
-        out = self._decode(input_pos=np.asarray([position], np.int32), **self._inputs([token]), **self.caches)
+        out = self._decode(**self._inputs([token], [position]), **self.caches)
         self.caches = {n: out[n] for n in self.caches}
         return out["logits"][0, 0]
 
@@ -460,6 +485,31 @@ def bundle_template(tokenizer, parts) -> str | None:
     return GEMMA4_MEDIA_TEMPLATE
 
 
+def executor_metadata(config, cache_len: int):
+    """The bundle's ExecutorMetadata for a model that takes the engine's masks (`bidirectional_masks`): the
+    engine fills `attn_mask` causal and `local_mask` VISION_BIDIRECTIONAL (each image's soft tokens see each
+    other; no sliding window is declared, so the engine keeps absolute key columns and the graph applies the
+    window). With this section the engine finds the KV cache from `state_buffers` only, so every cache tensor
+    is listed (sequence axis 2 of [1, KVH, S, Dh], same name in and out of both signatures)."""
+    from litert_lm_builder.runtime.proto import executor_metadata_pb2 as pb
+
+    from gemma4_jax.config import GLOBAL
+    from gemma4_jax.export import litert_graph
+
+    meta = pb.ExecutorMetadata()
+    llm = meta.llm_executor_metadata
+    llm.attention_mask_settings.attention_mask_type = pb.ATTENTION_MASK_TYPE_CAUSAL
+    llm.attention_mask_settings.local_attention_mask_type = pb.ATTENTION_MASK_TYPE_VISION_BIDIRECTIONAL
+    for name in litert_graph.cache_shapes(config, cache_len):
+        kind, layer = name.split("_")[-2:]
+        scope = "GLOBAL" if config.layer_types[int(layer)] == GLOBAL else "LOCAL"
+        buffer = llm.state_buffers.add(sequence_axis=2)
+        buffer.prefill_input_name = buffer.prefill_output_name = name
+        buffer.decode_input_name = buffer.decode_output_name = name
+        buffer.type = getattr(pb.StateBuffer, f"TYPE_{scope}_{'KEY' if kind == 'k' else 'VALUE'}_CACHE")
+    return meta
+
+
 def write_bundle(path, config, model_dir, tokenizer_dir, cache_len, sections, parts=(), image_tokens=0) -> None:
     """The .litertlm: LlmMetadata, SentencePiece tokenizer and the models `sections` ({file in `model_dir`:
     (litertlm_builder.TfLiteModelType name, backend constraint or None)}) in BUNDLE_ORDER. `parts`: the towers
@@ -500,6 +550,11 @@ def write_bundle(path, config, model_dir, tokenizer_dir, cache_len, sections, pa
         f.write(meta.SerializeToString())
     b = builder.LitertLmFileBuilder()
     b.add_llm_metadata(meta_path)
+    if bidirectional_masks(config, "vision" in parts):
+        executor_path = os.path.join(work, ".executor_metadata.pb")
+        with open(executor_path, "wb") as f:
+            f.write(executor_metadata(config, cache_len).SerializeToString())
+        b.add_executor_metadata(executor_path)
     b.add_sentencepiece_tokenizer(os.path.join(tokenizer_dir, "tokenizer.model"))
     for file in sorted(sections, key=BUNDLE_ORDER.index):
         kind, backend = sections[file]
@@ -509,6 +564,8 @@ def write_bundle(path, config, model_dir, tokenizer_dir, cache_len, sections, pa
     with open(path, "wb") as f:
         b.build(f)
     os.remove(meta_path)
+    if bidirectional_masks(config, "vision" in parts):
+        os.remove(executor_path)
 
 
 def _peak_rss_mb() -> float:
@@ -562,29 +619,59 @@ def prepare_weights(source, quant: str, ple_bits: int):
     return weights
 
 
-def check_against_jax(source, weights, converted, paths, work: str, quant: str, prefill_len, cache_len) -> dict:
-    """Step 4: run the written models in the LiteRT interpreter against JAX; raise (nothing is kept) on a mismatch.
+@dataclasses.dataclass(frozen=True)
+class CheckPlan:
+    """What the check needs from the weights, made before they are released (`prepare_check`): the prompt, and
+    for quantized exports the JAX reference on the exported weights and the decode-only weight-only twin."""
 
-    Float exports are compared with `model.apply` on the source's weights. Quantized exports: a weight-only twin
-    (same quantized weights, float compute) must equal `litert_graph.step` on the dequantized weights to round-off;
-    the shipped dynamic-range model is only bounded against gross breakage (it quantizes activations too)."""
+    prompt: list[int]
+    n_decode: int
+    reference: tuple | None = None
+    twin: str | None = None
+
+
+def prepare_check(config, weights, converted, work: str, quant: str, prefill_len, cache_len) -> CheckPlan:
+    """Step 4a (quantized exports): the reference greedy run of `graph_reference` on the exported weights and the
+    decode-only twin written into `work` (each signature's DEQUANTIZE ops hold their own float copy of the
+    weights: 2 x 8 GB for E2B with both; the prompt goes through decode token by token). The caller then drops
+    the weights, so they are not held while the interpreter runs (full-size E2B: ~5 GB less at the peak)."""
     import gc
 
     import jax
     import numpy as np
 
-    cfg = source.config
     prompt_len = min(prefill_len, 12)
-    prompt = [cfg.bos_id, *np.random.default_rng(0).integers(3, cfg.vocab_size, prompt_len - 1).tolist()]
+    prompt = [config.bos_id, *np.random.default_rng(0).integers(3, config.vocab_size, prompt_len - 1).tolist()]
     n_decode = min(_CHECK_DECODE_STEPS, cache_len - prompt_len)
-    check: dict = {"prompt_tokens": prompt_len, "decode_steps": n_decode}
+    if quant == "none":
+        return CheckPlan(prompt, n_decode)
+    twin = write_models({"model.tflite": converted["model.tflite"]}, tempfile.mkdtemp(dir=work), True, ("decode",))
+    t0 = time.time()
+    reference = graph_reference(config, jax.device_put(weights), prompt, n_decode, cache_len)
+    gc.collect()
+    _log(f"JAX reference on the quantized weights in {time.time() - t0:.0f} s")
+    return CheckPlan(prompt, n_decode, reference, twin["model.tflite"])
+
+
+def check_against_jax(source, plan: CheckPlan, paths, quant: str, prefill_len, cache_len) -> dict:
+    """Step 4b: run the written models in the LiteRT interpreter against JAX; raise (nothing is kept) on a mismatch.
+
+    Float exports are compared with `model.apply` on the source's weights. Quantized exports: the weight-only twin
+    (same quantized weights, float compute) must equal `litert_graph.step` on the dequantized weights to round-off;
+    the shipped dynamic-range model is only bounded against gross breakage (it quantizes activations too)."""
+    import gc
+
+    import numpy as np
+
+    cfg, prompt, reference = source.config, plan.prompt, plan.reference
+    check: dict = {"prompt_tokens": len(prompt), "decode_steps": plan.n_decode}
     side = {name: paths[file] for name, file in SIDE_MODELS.items() if file in paths}
     model_path = paths["model.tflite"]
     if quant == "none":
         from gemma4_jax.api import read_params
 
         params = read_params(source, np.float32, progress=False)
-        reference = jax_reference(cfg, params, prompt, n_decode, cache_len)
+        reference = jax_reference(cfg, params, prompt, plan.n_decode, cache_len)
         del params
         err, scale, got = compare(cfg, model_path, side, prefill_len, cache_len, prompt, reference)
         _log(f"check vs model.apply: max |dlogit| {err:.3g} (tol {TOLERANCE:.3g}), greedy equal {got == reference[2]}")
@@ -595,16 +682,8 @@ def check_against_jax(source, weights, converted, paths, work: str, quant: str, 
             "jax_greedy": reference[2],
             "litert_greedy": got,
         }
-    # Decode-only twin: each signature's DEQUANTIZE ops hold their own float copy of the weights (2 x 8 GB for E2B);
-    # the prompt goes through decode token by token.
-    twin_dir = tempfile.mkdtemp(dir=work)
-    twin = write_models({"model.tflite": converted["model.tflite"]}, twin_dir, True, ("decode",))["model.tflite"]
-    t0 = time.time()
-    reference = graph_reference(cfg, jax.device_put(weights), prompt, n_decode, cache_len)
-    gc.collect()
-    _log(f"JAX reference on the quantized weights in {time.time() - t0:.0f} s")
-    err, scale, got = compare(cfg, twin, side, prefill_len, cache_len, prompt, reference, xnnpack=False)
-    shutil.rmtree(twin_dir)
+    err, scale, got = compare(cfg, plan.twin, side, prefill_len, cache_len, prompt, reference, xnnpack=False)
+    shutil.rmtree(os.path.dirname(plan.twin))
     gc.collect()
     tol = max(TOLERANCE, TWIN_RELATIVE * scale)
     _log(
@@ -694,7 +773,7 @@ def export_litert(
     *,
     quant: str = "none",
     ple_bits: int = 8,
-    prefill_len: int = 128,
+    prefill_len: int | None = None,
     cache_len: int = 1024,
     tokenizer_dir: str | None = None,
     modalities: str | None = None,
@@ -719,10 +798,20 @@ def export_litert(
 
     start = time.time()
     require_packages("ai_edge_litert", "litert_converter", "litert_lm_builder", extra="litert", what="export litert")
-    _check_options(quant, ple_bits, prefill_len, cache_len)
     cfg = source.config
     parts = towers.select_parts(cfg, modalities)
     image_tokens, audio_frames = towers.check_sizes(parts, image_tokens, audio_frames)
+    # An image whose tokens attend each other must reach the engine in one prefill call (it fills the
+    # bidirectional mask within a call): room for its tokens and markers.
+    whole_image = image_tokens + 2 if bidirectional_masks(cfg, "vision" in parts) else 0
+    if prefill_len is None:
+        prefill_len = max(DEFAULT_PREFILL, whole_image)
+    elif prefill_len < whole_image:
+        raise Gemma4Error(
+            f"--prefill-len {prefill_len} < {whole_image}: this model's image tokens attend each other, which the "
+            f"engine computes only within one prefill call; use >= --image-tokens + 2"
+        )
+    _check_options(quant, ple_bits, prefill_len, cache_len)
     litert_tower_bits(quant, tower_quant)  # an unsupported tower quant fails before any work
     out = files.check_output(out, directory=True)
     tokenizer_dir = _find_tokenizer(tokenizer_dir, source)
@@ -731,11 +820,6 @@ def export_litert(
         f"{cfg.name}: {source.description}, quant {quant}, prefill {prefill_len}, cache {cache_len}, "
         f"modalities {','.join(['text', *parts])}"
     )
-    if "vision" in parts and cfg.vision_bidirectional:
-        _log(
-            "note: this model attends bidirectionally among an image's soft tokens; the exported prefill is causal "
-            "(no attention-mask input / ExecutorMetadata yet), so the engine's image answers can differ from JAX"
-        )
     weights = prepare_weights(source, quant, ple_bits)
     # The end-of-media models return the embedder's rows of `<image|>` / `<audio|>`, as the embedder gives them.
     ends = {"vision": cfg.eoi_token_id, "audio": cfg.eoa_token_id}
@@ -744,17 +828,14 @@ def export_litert(
         for part in parts
     }
     converted = convert_models(cfg, weights, prefill_len, cache_len, towers=bool(parts))
-    if quant == "none":
-        del weights  # the check reads the source again
-        weights = None
-    gc.collect()
     with files.atomic_output(out, directory=True) as tmp:
         t0 = time.time()
         paths = write_models(converted, tmp)
         _log(f"weights bound in {time.time() - t0:.0f} s")
-        check = check_against_jax(source, weights, converted, paths, tmp, quant, prefill_len, cache_len)
-        del converted, weights
+        plan = prepare_check(cfg, weights, converted, tmp, quant, prefill_len, cache_len)
+        del converted, weights  # not held while the interpreter runs (a float check reads the source again)
         gc.collect()
+        check = check_against_jax(source, plan, paths, quant, prefill_len, cache_len)
         _log(f"text models checked (peak RSS so far {_peak_rss_mb():.0f} MiB)")
         kinds = {"embedder": "EMBEDDER", "per_layer_embedder": "PER_LAYER_EMBEDDER"}
         sections = {SIDE_MODELS[name]: (kinds[name], None) for name in side_models(cfg, bool(parts))}

@@ -159,10 +159,11 @@ def with_tensors(weights: Weights, tensors: dict[str, object]) -> Weights:
 def _linear(x: jax.Array, w) -> jax.Array:
     """x [..., in] @ w[out, in].T in float32 (16-bit or `Quantized` weights are widened inside the graph)."""
     if isinstance(w, Quantized):
-        # The barrier ties the dequantization to x: XLA would otherwise hoist every layer's dequantized float
-        # matrix to the start of the program and hold them all (the JAX reference of a quantized E2B).
-        x, values = jax.lax.optimization_barrier((x, jnp.asarray(w.values)))
-        w = values.astype(jnp.float32) * jnp.asarray(w.scale)[:, None]
+        # A data dependence on x ties the dequantization to its dot: XLA:CPU would otherwise dequantize every
+        # layer's matrix up front and hold them all (9.1 GB of temporaries for the JAX reference of an int4 E2B;
+        # it drops `optimization_barrier`s before scheduling). 0·x is not folded for floats (0·inf is NaN).
+        tie = jnp.zeros((), jnp.float32) * x.reshape(-1)[0].astype(jnp.float32)
+        w = jnp.asarray(w.values).astype(jnp.float32) * (jnp.asarray(w.scale) + tie)[:, None]
     w = jnp.asarray(w)
     if w.dtype != jnp.float32:
         w = w.astype(jnp.float32)
@@ -233,10 +234,40 @@ def embed(config: Gemma4Config, table, tokens):
     return (x * jnp.asarray(config.embed_scale, jnp.float32))[None]
 
 
-def step(config: Gemma4Config, weights: Weights, tokens, input_pos, per_layer_rows, caches: dict, embeddings=None):
+# The mask inputs of a model whose images attend bidirectionally, by (local layer?): the names the LiteRT-LM
+# engine fills (global causal; local VISION_BIDIRECTIONAL, the type the bundle's ExecutorMetadata sets).
+MASK_INPUTS = {False: "attn_mask", True: "local_mask"}
+
+
+def engine_masks(input_pos, cache_len: int, soft: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The masks the LiteRT-LM engine fills for a call at `input_pos` [T] ({MASK_INPUTS name: [1, 1, T, S]
+    bool}): each row attends the keys up to its position; on local layers a soft-token row (`soft` [T] bool; a
+    run of consecutive soft tokens is one image) also attends the rest of its run. (The engine masks its padding
+    rows entirely; their outputs are unused either way.)"""
+    pos = np.asarray(input_pos, np.int64)
+    causal = np.arange(cache_len)[None, :] <= pos[:, None]
+    local = causal.copy()
+    if soft is not None:
+        run = np.cumsum(np.r_[True, soft[1:] != soft[:-1]])  # run id of each row
+        for i in np.flatnonzero(soft):
+            local[i, pos[run == run[i]]] = True
+    return {MASK_INPUTS[False]: causal[None, None], MASK_INPUTS[True]: local[None, None]}
+
+
+def step(
+    config: Gemma4Config,
+    weights: Weights,
+    tokens,
+    input_pos,
+    per_layer_rows,
+    caches: dict,
+    embeddings=None,
+    engine_masks: dict | None = None,
+):
     """One prefill or decode call. tokens [1, T] int32 (or None and `embeddings` [1, T, D] from `embed`),
     input_pos [T] int32 (consecutive positions), per_layer_rows [1, T, L, P] (the PLE model's output) or None,
-    caches {name: [1, K, S, H]}.
+    caches {name: [1, K, S, H]}; `engine_masks` (models whose images attend bidirectionally) {MASK_INPUTS name:
+    [1, 1, T, S] bool} as the LiteRT-LM engine fills them (`engine_masks`).
 
     Returns ({"logits": [1, T, V]} | updated caches).
     """
@@ -267,8 +298,14 @@ def step(config: Gemma4Config, weights: Weights, tokens, input_pos, per_layer_ro
 
         h, kh, n = cfg.layer_head_dim(i), cfg.layer_kv_heads(i), cfg.num_heads
         window = cfg.layer_window(i)
-        if window not in masks:
+        if window not in masks and engine_masks is None:
             masks[window] = model.attention_mask(positions, key_positions, window)[0]  # [T, S]
+        elif window not in masks:
+            # The engine's masks are causal plus, on local layers, each image's soft tokens both ways (as
+            # `model.attention_mask` with blocks); the window is applied here, as the model applies it.
+            masks[window] = engine_masks[MASK_INPUTS[window is not None]][0, 0]
+            if window is not None:
+                masks[window] &= positions[0][:, None] - key_positions < window
         inv_freq = (
             model.rope_inv_freq(h, cfg.global_rope_base, cfg.global_rope_proportion)
             if kind == GLOBAL

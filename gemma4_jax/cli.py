@@ -696,7 +696,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="bits of the per-layer-input projections under --quant int4 (default 8: 4 bits roughly doubles error)",
     )
-    el.add_argument("--prefill-len", type=int, default=128, help="tokens per prefill call (default 128)")
+    el.add_argument(
+        "--prefill-len",
+        type=int,
+        help="tokens per prefill call (default 128; with the vision tower of 31B/26B-A4B: --image-tokens + 2)",
+    )
     el.add_argument("--cache-len", type=int, default=1024, help="KV cache length S (default 1024)")
     el.add_argument(
         "--modalities",

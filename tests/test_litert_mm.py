@@ -13,11 +13,16 @@
   greedy): the answer to each media prompt equals our JAX greedy continuation. The engine computes its own
   resize (none here: the photos are fixed points of both preprocessors), its own log-mel from the WAV samples and
   one more mel frame than transformers (the clips are cut so the token count agrees; asserted through the
-  engine's token count), and it feeds the PLE row of token 0 at `<image|>` / `<audio|>`.
+  engine's token count), and it feeds the PLE row of token 0 at `<image|>` / `<audio|>`. A decisive
+  `tiny_mm_bidi` too, trained to answer each photo differently when its soft tokens attend causally: the engine
+  (filling the masks the bundle's ExecutorMetadata asks for) gives the bidirectional answer.
+- Bidirectional graph: the exported prefill fed the engine's masks equals `model.apply` with image blocks on a
+  two-image prompt (<= 1e-4; measured 2.0e-5), and is off by 4.7 with causal masks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -111,10 +116,62 @@ def test_bad_tower_options_write_nothing(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "text required" in err
     code, _, err = _cli(capsys, *base, "--variant", "tiny_mm", "--audio-frames", "30")
     assert code == 2 and err.count("\n") == 1 and "--audio-frames" in err
+    code, _, err = _cli(capsys, *base, "--variant", "tiny_mm_bidi", "--image-tokens", "70")
+    assert code == 2 and err.count("\n") == 1 and "--prefill-len 8 < 72" in err
     assert not out.exists()
 
 
 # ----- decisive models, the interpreter and the engine ------------------------------------------------------------
+
+
+def test_bidirectional_prefill_equals_jax(tmp_path):
+    """31B-style (tiny_mm_bidi): the exported prefill, fed the masks the LiteRT-LM engine fills (causal, and on
+    local layers each image's soft tokens both ways), equals `model.apply` with its image blocks on a prompt with
+    two images — and with causal masks it does not (the check can fail)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from gemma4_jax import model
+    from gemma4_jax.export import litert_graph
+
+    cfg = config.get_config("tiny_mm_bidi")
+    params = model.init_params(cfg, seed=0, dtype=np.float32)
+    weights = litert_graph.graph_weights(cfg, params)
+    path = litert.write_models(litert.convert_models(cfg, weights, 32, 64, towers=True), str(tmp_path))["model.tflite"]
+    prefill = Interpreter(model_path=path).get_signature_runner("prefill")
+    assert set(litert_graph.MASK_INPUTS.values()) <= set(prefill.get_input_details())
+    # <bos> 5 <|image> 8 soft <image|> 7 <|image> 6 soft <image|> 9, padded to 32
+    ids = [cfg.bos_id, 5, cfg.boi_token_id, *[cfg.image_token_id] * 8, cfg.eoi_token_id, 7, cfg.boi_token_id]
+    ids += [*[cfg.image_token_id] * 6, cfg.eoi_token_id, 9]
+    t = len(ids)
+    soft = np.asarray(ids) == cfg.image_token_id
+    blocks = np.where(soft, np.cumsum(np.asarray(ids) == cfg.boi_token_id) - 1, -1)
+    rng = np.random.default_rng(0)
+    soft_tokens = np.where(soft[:, None], rng.normal(size=(t, cfg.embed_dim)), 0).astype(np.float32)
+    want = np.asarray(
+        model.apply(
+            params,
+            np.asarray([ids]),
+            config=cfg,
+            soft_tokens=soft_tokens[None],
+            soft_mask=soft[None],
+            blocks=blocks[None],
+        )[0][0]
+    )
+    embeddings = np.zeros((1, 32, cfg.embed_dim), np.float32)
+    embeddings[0, :t] = np.where(
+        soft[:, None], soft_tokens, litert_graph.embed(cfg, weights[litert_graph.EMBEDDING], np.asarray([ids]))[0]
+    )
+    pos = np.zeros(32, np.int32)
+    pos[:t] = np.arange(t)
+    caches = {n: np.zeros(s, np.float32) for n, s in litert_graph.cache_shapes(cfg, 64).items()}
+    errors = {}
+    for kind, rows in (("engine", np.pad(soft, (0, 32 - t))), ("causal", None)):
+        masks = litert_graph.engine_masks(pos, 64, rows)
+        got = prefill(embeddings=embeddings, input_pos=pos, **masks, **caches)["logits"][0, :t]
+        errors[kind] = float(np.abs(got - want).max())
+    print(f"prefill vs model.apply with image blocks: {errors}")
+    assert errors["engine"] <= 1e-4
+    assert errors["causal"] > 100 * max(errors["engine"], 1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +232,17 @@ def _decisive(name: str, media, tokenizer_dir):
     items = [("image", multimodal.load_image(path, BUDGET)) for path in photos.values()]
     if cfg.audio is not None:
         items += [("audio", multimodal.load_audio(path)) for path in clips]
-    targets = np.random.default_rng(9).integers(107, 512, size=(len(items), NEW_TOKENS)).tolist()
+    targets = np.random.default_rng(9).integers(107, 512, size=(2 * len(items), NEW_TOKENS)).tolist()
     examples = []
-    for (kind, medium), target in zip(items, targets, strict=True):
+    for (kind, medium), target in zip(items, targets, strict=False):
         ids = tok.encode_chat(_messages(kind), add_generation_prompt=True)
         ids = multimodal.expand(ids, [medium], cfg)
         examples.append((ids, target, multimodal.embed(params, cfg, ids, [medium])))
+    if cfg.vision_bidirectional:
+        # Each photo seen causally (blocks off) must answer differently, so an engine that ignored the
+        # bidirectional mask would be caught.
+        for (ids, _, soft), target in zip(list(examples), targets[len(items) :], strict=True):
+            examples.append((ids, target, dataclasses.replace(soft, blocks=np.full_like(soft.blocks, -1))))
     return cfg, decisive.train_decisive_media(cfg, params, examples), items, examples
 
 
@@ -257,32 +319,39 @@ def _references(cfg, weights, kind, medium):
 
 
 @pytest.mark.slow
-def test_engine_media_prompts_equal_jax(decisive_mm, media, tokenizer_dir, tmp_path):
-    """The decisive tiny_mm exported through the CLI (float) and run by the LiteRT-LM engine: for each photo and
-    clip, the engine's greedy answer is our JAX greedy continuation, and its prompt has the same token count."""
+@pytest.mark.parametrize("name", ["tiny_mm", "tiny_mm_bidi"])
+def test_engine_media_prompts_equal_jax(name, decisive_mm, media, tokenizer_dir, tmp_path):
+    """A decisive tiny model exported through the CLI (float) and run by the LiteRT-LM engine: for each photo and
+    clip, the engine's greedy answer is our JAX greedy continuation, and its prompt has the same token count.
+    tiny_mm_bidi (31B-style): its images attend bidirectionally, which the engine does from the bundle's
+    ExecutorMetadata; the model is trained to answer each photo differently when its soft tokens are causal,
+    so an engine that attended causally would give that other answer."""
     import litert_lm
 
     from gemma4_jax.hf_format import save_hf_checkpoint
 
-    cfg, params, items, examples = decisive_mm
+    cfg, params, items, examples = decisive_mm if name == "tiny_mm" else _decisive(name, media, tokenizer_dir)
     photos, clips = media
+    # tiny_mm_bidi: an image and its prompt in one prefill call; the causal answers (examples past the items).
+    prefill = 2 * PREFILL_LEN if cfg.vision_bidirectional else PREFILL_LEN
+    causal = {i: target for i, (_, target, _) in enumerate(examples[len(items) :])}
     ckpt = str(tmp_path / "ckpt")
     save_hf_checkpoint(ckpt, cfg, params)
     out = str(tmp_path / "litert")
-    argv = ["export", "litert", "--checkpoint", ckpt, "--tokenizer", tokenizer_dir, "--prefill-len", str(PREFILL_LEN)]
+    argv = ["export", "litert", "--checkpoint", ckpt, "--tokenizer", tokenizer_dir, "--prefill-len", str(prefill)]
     argv += ["--cache-len", str(CACHE_LEN), "--image-tokens", str(BUDGET), "--audio-frames", str(FRAMES), "-o", out]
     assert cli.main(argv) == 0
-    paths = [*photos.values(), *clips]
+    paths = [*photos.values(), *clips][: len(items)]
     engine = litert_lm.Engine(
         os.path.join(out, "model.litertlm"),
         backend=litert_lm.Backend.CPU(),
         vision_backend=litert_lm.Backend.CPU(),
-        audio_backend=litert_lm.Backend.CPU(),
+        audio_backend=litert_lm.Backend.CPU() if cfg.audio is not None else None,
         max_num_tokens=CACHE_LEN,
         cache_dir=str(tmp_path),
     )
     try:
-        for (kind, _), (ids, target, _), path in zip(items, examples, paths, strict=True):
+        for i, ((kind, _), (ids, target, _), path) in enumerate(zip(items, examples, paths, strict=False)):
             content = litert_lm.Content.ImageFile(path) if kind == "image" else litert_lm.Content.AudioFile(path)
             conversation = engine.create_conversation(sampler_config=litert_lm.SamplerConfig(top_k=1, temperature=0.0))
             message = litert_lm.Message.user(litert_lm.Contents.of(content, litert_lm.Content.Text("What is it?")))
@@ -296,6 +365,8 @@ def test_engine_media_prompts_equal_jax(decisive_mm, media, tokenizer_dir, tmp_p
             )
             assert count == len(ids) + NEW_TOKENS
             assert reply == expected
+            if i in causal:
+                assert causal[i] != target and reply != engine.detokenize(causal[i])
     finally:
         engine.close()
 
