@@ -50,6 +50,33 @@ def parse_dtype(dtype) -> jnp.dtype | None:
 # ----- memory ------------------------------------------------------------------------------------------------
 
 
+def compilation_cache_dir() -> str:
+    """Where compiled programs are kept between runs: $GEMMA4_JAX_CACHE, else the user's cache directory
+    ($XDG_CACHE_HOME or ~/.cache) / gemma4-jax / xla."""
+    if os.environ.get("GEMMA4_JAX_CACHE"):
+        return os.environ["GEMMA4_JAX_CACHE"]
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "gemma4-jax", "xla")
+
+
+def use_compilation_cache(directory: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache in `directory` (default `compilation_cache_dir()`), so a second
+    run of the same command loads its programs instead of compiling them (E2B's step: ~40 s). Returns the
+    directory, or None (with a one-line note) when it cannot be created or written."""
+    directory = directory or compilation_cache_dir()
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"{directory} is not writable")
+    except OSError as e:
+        print(f"note: no compilation cache ({e}); every run compiles", file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
+
+
 def available_memory() -> int:
     """Bytes that a load may use: free host RAM (the CPU backend's device memory is host RAM), or on an
     accelerator what its allocator has left."""

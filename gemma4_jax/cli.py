@@ -556,6 +556,11 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4-jax", description="Gemma 4 in JAX/Flax.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="compile every time (default: compiled programs are kept in $GEMMA4_JAX_CACHE or ~/.cache/gemma4-jax/xla)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt.")
@@ -793,6 +798,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if not args.no_compile_cache:
+            from gemma4_jax.api import use_compilation_cache
+
+            use_compilation_cache()
         return args.func(args)
     except Gemma4Error as e:
         if args.debug:

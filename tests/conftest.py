@@ -17,6 +17,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 STRICT = os.environ.get("GEMMA4_STRICT") == "1"
 
+# The CLI keeps compiled programs in the user's cache directory; the tests keep theirs apart.
+if "GEMMA4_JAX_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["GEMMA4_JAX_CACHE"] = os.path.join(tempfile.gettempdir(), "gemma4-jax-test-xla")
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):

@@ -142,3 +142,27 @@ def test_console_script_prints_no_traceback():
     assert result.stderr.strip() == (
         "gemma4-jax: error: unknown variant 'x'; choose one of: " + ", ".join(config.PRESETS)
     )
+
+
+def test_compilation_cache(tmp_path, capsys):
+    """Compiled programs land in $GEMMA4_JAX_CACHE (a second run loads them: bench/decode.py times both runs);
+    --no-compile-cache writes none; an unwritable cache directory is one note, not an error."""
+    import os
+
+    from gemma4_jax.api import use_compilation_cache
+
+    def generate(cache, *flags):
+        env = {**os.environ, "GEMMA4_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
+        argv = [sys.executable, "-m", "gemma4_jax.cli", *flags, "generate", "--variant", "tiny"]
+        argv += ["--max-new-tokens", "2"]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+    generate(tmp_path / "on")
+    assert any(name.startswith("jit__step") for name in os.listdir(tmp_path / "on"))
+    generate(tmp_path / "off", "--no-compile-cache")
+    assert not (tmp_path / "off").exists()
+    blocker = tmp_path / "a-file"  # a cache path under a file cannot be created, whoever runs the test
+    blocker.write_text("")
+    assert use_compilation_cache(str(blocker / "xla")) is None
+    assert capsys.readouterr().err.count("\n") == 1
