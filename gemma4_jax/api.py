@@ -338,11 +338,18 @@ def _jitted_apply():
 
 
 def read_params(
-    source: sources.WeightSource, dtype, ple_mode: str = "device", progress: bool = True, check_finite: bool = True
+    source: sources.WeightSource,
+    dtype,
+    ple_mode: str = "device",
+    progress: bool = True,
+    check_finite: bool = True,
+    layout: str = "checkpoint",
 ) -> Params:
     """Every leaf of `source` as a JAX array of `dtype` (quantized checkpoints: packed weights), one at a time; the
     PLE table stays in host RAM or memory-mapped with `ple_mode` host/mmap. Non-finite weights are refused, naming
-    the tensor."""
+    the tensor. `layout` "decode": the text decoder's matrices as `matvec.DecodeWeight`s (XLA:CPU decode at memory
+    bandwidth), made leaf by leaf while reading."""
+    from gemma4_jax import matvec
     from gemma4_jax.hf_format import np_dtype
     from gemma4_jax.quant.checkpoint import QuantizedSource
 
@@ -364,7 +371,10 @@ def read_params(
             array = files.as_aligned(source.read(leaf, leaf_dtype), leaf_dtype)
             if check_finite:  # clip bounds may be +-inf (no clipping) but never NaN
                 check_finite_array(array, leaf.name, source.description, allow_inf=leaf.init in ("inf", "-inf"))
-            value = jax.device_put(array, may_alias=True)
+            if layout == "decode" and matvec.uses_decode_layout(leaf):
+                value = matvec.to_decode_weight(array, leaf)
+            else:
+                value = jax.device_put(array, may_alias=True)
             nbytes = value.nbytes
             del array
         tree_set(params, leaf.path, value)
@@ -394,13 +404,15 @@ def load(
     default_dtype: str = "bfloat16",
     progress: bool = True,
     text_only: bool = False,
+    layout: str = "auto",
 ) -> Model:
     """A model from `source`: a local orbax / HF / quantized directory, `kaggle:...`, `hf:...`, or None for random
     weights of `variant` (a preset) or `config` (an HF-style config.json path or a Gemma4Config; default: the tiny
     demo). `dtype` is the parameter/compute dtype (default `default_dtype`; float32 falls back to bfloat16 with a note
     when it does not fit but bfloat16 does). `ple` puts the PLE table on the "device", in "host" RAM or "mmap"s it
     from an HF checkpoint. `tokenizer` overrides the checkpoint's tokenizer (a directory or file). `text_only` leaves
-    the vision and audio encoders out.
+    the vision and audio encoders out. `layout` "auto" stores the text decoder's matrices for fast decoding where
+    that pays (`matvec`: on CPU, 16/32-bit weights), "checkpoint" keeps the official layout (training, exports).
 
     Options that do not apply are refused: `ple`/`variant`/`config` for quantized checkpoints, `ple` other than
     "device" for models without PLE."""
@@ -442,7 +454,13 @@ def load(
             )
             chosen, plan = jnp.dtype(jnp.bfloat16), smaller
     check_fits(src, plan, available)
-    params = read_params(src, chosen, ple, progress)
+    if layout not in ("auto", "checkpoint", "decode"):
+        raise Gemma4Error(f"layout must be auto, checkpoint or decode, got {layout!r}")
+    if layout == "auto":
+        from gemma4_jax import matvec
+
+        layout = "decode" if matvec.wanted(chosen) else "checkpoint"
+    params = read_params(src, chosen, ple, progress, layout=layout)
     tok = load_tokenizer_of(tokenizer or src.directory, required=tokenizer is not None)
     return Model(src.config, params, tok, src.description, src.directory)
 

@@ -75,7 +75,9 @@ def _open(args, random: bool = True):
     )
 
 
-def _load(args, default_dtype: str, tokenizer: str | None = None):
+def _load(args, default_dtype: str, tokenizer: str | None = None, layout: str = "auto"):
+    """The model for a command; `layout` "checkpoint" where the parameters are read or transformed as stored
+    (logits of the plain forward, quantization), "auto" where it generates (`api.load`)."""
     from gemma4_jax import api
 
     return api.load(
@@ -88,6 +90,7 @@ def _load(args, default_dtype: str, tokenizer: str | None = None):
         tokenizer=tokenizer,
         default_dtype=default_dtype,
         text_only=args.text_only,
+        layout=layout,
     )
 
 
@@ -294,7 +297,7 @@ def cmd_logits(args) -> int:
     tokens = _token_ids(args.tokens, "--tokens")
     out = args.out if args.out.endswith(".npy") else args.out + ".npy"
     files.check_output(out)
-    model = _load(args, "float32")
+    model = _load(args, "float32", layout="checkpoint")
     start = time.perf_counter()
     logits = model.logits(tokens)
     with files.atomic_output(out) as tmp, open(tmp, "wb") as f:
@@ -422,7 +425,7 @@ def cmd_eval_quant(args) -> int:
     policy = _policy(args)
     path = args.text or args.tokens
     content = files.read_text(path)
-    model = _load(args, "float32", args.tokenizer)
+    model = _load(args, "float32", args.tokenizer, layout="checkpoint")
     if args.text:
         tokens = model.require_tokenizer().encode(content, add_bos=True)
     else:
@@ -520,7 +523,7 @@ def cmd_finetune(args) -> int:
     model_tokenizer = api.load_tokenizer_of(args.tokenizer or source.directory, required=True)
     # bad data (and bad media files) fail before the weights are loaded
     dataset = data.load_dataset(args.data, model_tokenizer, args.seq_len, source.config, args.image_tokens)
-    model = api.load(source, dtype=args.dtype, tokenizer=args.tokenizer)
+    model = api.load(source, dtype=args.dtype, tokenizer=args.tokenizer, layout="checkpoint")
     prefix = text_prefix(source.files.names()) if isinstance(source, HFSource) else "model."
     summary = finetune.finetune(
         model,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma4_jax import matvec
 from gemma4_jax.config import GLOBAL, LOCAL, Gemma4Config
 
 Array = jax.Array
@@ -470,6 +471,8 @@ class Embedder(nn.Module):
         table = self.input_embedding
         if not is_dense(table):
             return table.einsum("btd,vd->btv", x).astype(_accum_dtype(x.dtype))
+        if matvec.wanted(table.dtype) and x.shape[0] * x.shape[1] == 1:  # XLA:CPU: the fused 1-D form
+            return matvec.lm_head(x, table)
         return jnp.einsum("btd,vd->btv", x, table.astype(x.dtype), preferred_element_type=_accum_dtype(x.dtype))
 
 

@@ -48,7 +48,7 @@ def _random_tree(cfg, seed=0, dtype=BF16, scale_dtype=None):
 
 def load_checkpoint(spec, dtype="bfloat16"):
     """(config, params, local directory) through the library's loader."""
-    loaded = api.load(spec, dtype=dtype)
+    loaded = api.load(spec, dtype=dtype, layout="checkpoint")  # the tree as stored, compared leaf by leaf
     return loaded.config, loaded.params, loaded.directory
 
 

@@ -10,6 +10,7 @@ import time
 import jax
 
 from gemma4_jax.errors import Gemma4Error
+from gemma4_jax.matvec import checkpoint_layout
 from gemma4_jax.train import data, loop, lora
 
 
@@ -60,7 +61,7 @@ def finetune(
     train_examples, eval_examples = data.split(dataset.examples, eval_fraction, train_config.seed)
     train_rows = data.pack(train_examples, train_config.seq_len)
     eval_rows = data.pack(eval_examples, train_config.seq_len) if eval_examples else None
-    base, source = model.params, model.source
+    base, source = checkpoint_layout(model.params), model.source  # LoRA wraps weights in the official layout
     if quantize:
         base = quantize_params(base, cfg, JaxPolicy(quantize))
         source += f", quantized to {quantize}"

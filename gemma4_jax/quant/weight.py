@@ -210,7 +210,9 @@ def quantize_params(params, config, policy):
         leaf = param_spec.leaf_of(config, tuple(k.key for k in path))
         return quantize_leaf(value, policy.choose(leaf), leaf)
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    from gemma4_jax.matvec import checkpoint_layout
+
+    return jax.tree_util.tree_map_with_path(one, checkpoint_layout(params))
 
 
 def _is_quantized(x) -> bool:
