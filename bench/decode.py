@@ -26,12 +26,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 from common import OtherLoad, emit, limit_cpus, log, make_prompt, run_worker
 
-CHECKPOINT_FILES = ("config.json", "model.safetensors")
 JAX_ROW = "gemma4-jax (JAX)"
 HF_ROW = "HF transformers (torch)"
 
 
 # ----- workers (each runs in its own process) -------------------------------------------------------------
+
+
+def _weight_files(directory: str) -> list[str]:
+    """The checkpoint's safetensors files (one, or the shards the writer splits a big model into)."""
+    return [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
 
 
 def worker_create(args) -> None:
@@ -43,8 +47,8 @@ def worker_create(args) -> None:
 
     from gemma4_jax import config, hf_format, model
 
-    cfg = config.get_config(args.variant)
-    if all(os.path.exists(os.path.join(args.checkpoint, f)) for f in CHECKPOINT_FILES):
+    cfg = config.get_config(args.variant).text_only()  # what Gemma4ForCausalLM reads
+    if os.path.exists(os.path.join(args.checkpoint, "config.json")) and _weight_files(args.checkpoint):
         existing = config.Gemma4Config.load_json(os.path.join(args.checkpoint, "config.json"))
         if existing.replace(name=cfg.name) == cfg:
             log(f"reusing the {cfg.name} checkpoint already in {args.checkpoint}")
@@ -62,7 +66,7 @@ def worker_create(args) -> None:
     start = time.perf_counter()
     hf_format.save_hf_checkpoint(args.checkpoint, cfg, params)
     save_seconds = time.perf_counter() - start
-    size = os.path.getsize(os.path.join(args.checkpoint, "model.safetensors"))
+    size = sum(os.path.getsize(path) for path in _weight_files(args.checkpoint))
     log(f"saved {size / 2**30:.2f} GiB in {save_seconds:.0f} s")
     emit({"reused": False, "init_seconds": init_seconds, "save_seconds": save_seconds, "params": n_params})
 
@@ -74,7 +78,7 @@ def worker_jax(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from gemma4_jax import hf_format, model
+    from gemma4_jax import api, model
     from gemma4_jax.sampler import Sampler, SamplingConfig
 
     if args.device == "gpu" and jax.default_backend() != "gpu":
@@ -82,7 +86,10 @@ def worker_jax(args) -> None:
     device = str(jax.devices()[0])
     log(f"JAX: loading {args.checkpoint} onto {device}")
     start = time.perf_counter()
-    cfg, params = hf_format.load_hf_checkpoint(args.checkpoint, dtype=jnp.bfloat16)
+    # As a user loads it (text decoder only, like Gemma4ForCausalLM); `--layout auto` stores the matrices for
+    # XLA:CPU's fused matrix-vector form on CPU (gemma4_jax.matvec), "checkpoint" keeps the official layout.
+    loaded = api.load(args.checkpoint, dtype="bfloat16", text_only=True, layout=args.layout, progress=False)
+    cfg, params = loaded.config, loaded.params
     jax.block_until_ready(params)
     load_seconds = time.perf_counter() - start
     prompt = make_prompt(cfg.vocab_size, args.prompt_len)
@@ -182,12 +189,25 @@ def worker_hf(args) -> None:
             sync()
             prefill_seconds = time.perf_counter() - start
 
-        log("HF: timed generate")
+        log("HF: timed generate, and a plain cached greedy loop (its decode at its best: no generate overhead)")
         with other.measure():
             start = time.perf_counter()
             out = generate(n)
             sync()
             generate_seconds = time.perf_counter() - start
+            step = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            token = step.logits[:, -1:].argmax(-1)
+            loop_tokens = [int(token)]
+            sync()
+            start = time.perf_counter()
+            for _ in range(n - 1):
+                step = model(input_ids=token, past_key_values=step.past_key_values, use_cache=True)
+                token = step.logits[:, -1:].argmax(-1)
+                loop_tokens.append(int(token))
+            sync()
+            loop_seconds = time.perf_counter() - start
+        if loop_tokens != out[0, ids.shape[1] :].tolist():
+            log("HF: warning: the cached loop and generate disagree on the greedy tokens")
 
     emit(
         {
@@ -197,8 +217,8 @@ def worker_hf(args) -> None:
             "first_call_seconds": first_call_seconds,
             "prefill_seconds": prefill_seconds,
             "generate_seconds": generate_seconds,
-            # generate = prefill + (n - 1) decode steps; the prefill part is taken from the separate forward above.
-            "decode_seconds": generate_seconds - prefill_seconds,
+            "generate_decode_seconds": generate_seconds - prefill_seconds,  # generate = prefill + (n - 1) steps
+            "decode_seconds": loop_seconds,  # the plain cached loop: (n - 1) forward calls of one token
             "decode_steps": n - 1,
             "other_load_cores": other.cores,
             "prompt": prompt,
@@ -267,7 +287,8 @@ def format_notes(args, jax_result, hf_result, create_result) -> str:
         "call (prefill into the KV cache, last-token logits, first greedy token). HF: one forward of the prompt "
         "with use_cache=True, logits_to_keep=1.",
         f"  decode tok/s   {args.new_tokens - 1} steps after the first token / their time. JAX: decode_steps / "
-        "decode_seconds. HF: (N-1) / (generate(max_new_tokens=N=min_new_tokens) time - prefill time).",
+        "decode_seconds. HF: a plain cached loop of N-1 one-token forward calls (its best; generate(), timed "
+        "too, adds overhead).",
         "  compile/warm-up  JAX: jit lower+compile of prefill and decode step (Generation.compile_seconds, no "
         "execution). HF: wall time of the first generate() call (2 new tokens; it also computes them).",
         "  peak RSS       ru_maxrss of that worker process (load + warm-up + timed run); the parent holds no weights.",
@@ -380,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--hbm-gbps", type=float, default=3350.0, help="HBM bandwidth for the --device gpu roofline (H100 SXM: 3350)"
+    )
+    parser.add_argument(
+        "--layout", default="auto", choices=("auto", "checkpoint"), help="our weight layout (api.load; default auto)"
     )
     parser.add_argument("--workdir", help="directory for the checkpoint (default: a new temporary one under /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (rerun with --workdir to reuse it)")

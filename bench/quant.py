@@ -14,7 +14,8 @@ step, so each row's peak RSS is that step's own:
 4. `jax` x3: `load_hf_checkpoint` (bf16), then `quant.quantize_params(..., JaxPolicy("int8" | "int4"))` for the
    quantized rows (packed weights dequantized inside the jitted matmuls); `Sampler.generate` once to compile, once
    timed.
-5. `llama` x3: llama-cpp-python on each GGUF file; a 2-token warm-up, then one timed greedy `generate`.
+5. `llama` x3: llama-cpp-python on each GGUF file; a 2-token warm-up, then one timed greedy run of llama.cpp's
+   `eval` (one llama_decode per token; argmax in numpy), not `Llama.generate` and its Python sampling chain.
 
 Each worker prints one `BENCH_RESULT {json}` line on stdout; progress goes to stderr. Needs llama-cpp-python
 (scripts/test.sh installs it) and, for full E2B, ~16 GiB of free RAM and ~35 GiB of disk in the work directory.
@@ -142,7 +143,16 @@ def worker_create(args) -> None:
     log(f"creating random {cfg.name} weights: {n_params / 1e9:.2f} B parameters")
     start = time.perf_counter()
     params = model.init_params(cfg, 0, jnp.bfloat16)
-    hf_format.save_hf_checkpoint(args.checkpoint, cfg, params)
+    # The checkpoint directory already holds the vocab worker's tokenizer files, and the writer only writes new
+    # directories: save beside it, move the tokenizer in, swap.
+    saving = args.checkpoint + ".saving"
+    shutil.rmtree(saving, ignore_errors=True)
+    hf_format.save_hf_checkpoint(saving, cfg, params)
+    if os.path.isdir(args.checkpoint):
+        for name in os.listdir(args.checkpoint):
+            shutil.move(os.path.join(args.checkpoint, name), os.path.join(saving, name))
+        os.rmdir(args.checkpoint)
+    os.rename(saving, args.checkpoint)
     emit({"seconds": time.perf_counter() - start, "params": n_params, "config": cfg.name})
 
 
@@ -217,13 +227,25 @@ def worker_llama(args) -> None:
     prompt = make_prompt(llm.n_vocab(), args.prompt_len)
 
     def generate(n):
+        """Greedy through llama.cpp's own `eval` (one llama_decode per call), argmax over its logits in numpy:
+        what a llama.cpp decode costs. (`Llama.generate` runs llama-cpp-python's Python sampling chain over the
+        262 144 logits per token as well: 20-45x slower than llama.cpp's decode on this model.)"""
+        import numpy as np
+
+        vocab = llm.n_vocab()
+
+        def greedy() -> int:  # the last position's logits, read from llama.cpp's buffer (eval keeps no copy)
+            return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), (vocab,))))
+
         llm.reset()
-        stamps, tokens = [time.perf_counter()], []
-        for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
+        start = time.perf_counter()
+        llm.eval(prompt)
+        tokens = [greedy()]
+        stamps = [start, time.perf_counter()]
+        while len(tokens) < n:
+            llm.eval([tokens[-1]])
+            tokens.append(greedy())
             stamps.append(time.perf_counter())
-            tokens.append(token)
-            if len(tokens) == n:
-                break
         return stamps, tokens
 
     generate(2)  # warm-up: pages the weights in, sets up the graphs
@@ -233,7 +255,7 @@ def worker_llama(args) -> None:
         stamps, tokens = generate(args.new_tokens)
     emit(
         {
-            # The first token's wait is the prompt's prefill (+ one sampling step); every later token is one decode.
+            # The first token's wait is the prompt's prefill (+ its argmax); every later token is one decode.
             "prefill_seconds": stamps[1] - stamps[0],
             "decode_seconds": stamps[-1] - stamps[1],
             "decode_steps": len(tokens) - 1,
