@@ -172,7 +172,7 @@ def decisive_export(hf_checkpoint, media, tmp_path_factory):
     """The HF checkpoint's weights (towers as transformers made them), the text decoder trained so that each of the
     four media prompts has its own continuation: params, media, prompts, the checkpoint and its f32 text GGUF."""
     photos, clips = media
-    loaded = api.load(hf_checkpoint, dtype="float32", progress=False)
+    loaded = api.load(hf_checkpoint, dtype="float32", progress=False, layout="checkpoint")  # trained below
     params, tok = loaded.params, loaded.tokenizer
     for i in range(CFG.num_layers):  # as decisive.conditioned_init: attention out of saturation
         attn = params[f"layer_{i}"]["attn"]
