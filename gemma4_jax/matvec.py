@@ -135,12 +135,18 @@ def uses_decode_layout(leaf: param_spec.Leaf) -> bool:
     )
 
 
+def data_shape(leaf: param_spec.Leaf) -> tuple[int, int, int]:
+    """[n, out, chunk] of a leaf's DecodeWeight data."""
+    stored = [leaf.shape[p] for p in leaf.perm]
+    n_in = math.prod(stored[len(stored) - leaf.ncontract :])
+    n = chunks_of(n_in)
+    return n, math.prod(stored) // n_in, n_in // n
+
+
 def to_decode_weight(w, leaf: param_spec.Leaf) -> DecodeWeight:
     """One dense leaf (official layout) as a DecodeWeight; numpy in, the device array built once."""
-    stored = np.transpose(np.asarray(w), leaf.perm)
-    n_in = math.prod(stored.shape[len(stored.shape) - leaf.ncontract :])
-    n = chunks_of(n_in)
-    data = np.ascontiguousarray(stored.reshape(-1, n, n_in // n).transpose(1, 0, 2))
+    n, rows, chunk = data_shape(leaf)
+    data = np.ascontiguousarray(np.transpose(np.asarray(w), leaf.perm).reshape(rows, n, chunk).transpose(1, 0, 2))
     return DecodeWeight(jnp.asarray(data), tuple(leaf.shape), tuple(leaf.perm), leaf.ncontract)
 
 

@@ -54,7 +54,8 @@ def test_contractions_equal_float64(dtype, max_chunk, monkeypatch):
                 continue
             w = np.asarray(jnp.asarray(rng.normal(size=leaf.shape), dtype), np.float64)
             weight = matvec.to_decode_weight(np.asarray(w, dtype), leaf)
-            assert weight.data.shape[0] == matvec.chunks_of(np.prod(weight.data.shape[0::2]))
+            assert weight.data.shape == matvec.data_shape(leaf)
+            assert weight.data.shape[2] <= max_chunk
             for rows in ((1, 1), (2, 1), (1, 5), (2, 8)):
                 x = np.asarray(jnp.asarray(rng.normal(size=_x_shape(eqn, leaf, rows)), dtype), np.float64)
                 want = np.einsum(eqn, x, w)
@@ -90,10 +91,7 @@ def test_greedy_unchanged(name, max_chunk, monkeypatch):
 def _abstract_decode_layout(cfg, tree):
     """`matvec.decode_layout` on shapes only (a full-size model compiles without its weights)."""
     for leaf in _leaves(cfg):
-        stored = [leaf.shape[p] for p in leaf.perm]
-        n_in = int(np.prod(stored[len(stored) - leaf.ncontract :]))
-        n = matvec.chunks_of(n_in)
-        data = jax.ShapeDtypeStruct((n, int(np.prod(stored)) // n_in, n_in // n), tree_get(tree, leaf.path).dtype)
+        data = jax.ShapeDtypeStruct(matvec.data_shape(leaf), tree_get(tree, leaf.path).dtype)
         tree_set(tree, leaf.path, matvec.DecodeWeight(data, tuple(leaf.shape), tuple(leaf.perm), leaf.ncontract))
     return tree
 
