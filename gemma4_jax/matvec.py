@@ -86,19 +86,9 @@ class DecodeWeight:
 
     def reshape(self, *shape):
         """Merges/splits leading uncontracted axes (as `gating.reshape(2F, D)`); the data is unchanged."""
-        if len(shape) == 1 and isinstance(shape[0], tuple | list):
-            shape = tuple(shape[0])
-        shape = tuple(int(s) for s in shape)
-        keep = 0
-        while keep < min(len(shape), len(self.shape)) and shape[-1 - keep] == self.shape[-1 - keep]:
-            keep += 1
-        old_lead, new_lead = len(self.shape) - keep, len(shape) - keep
-        kept = len(self.perm) - self.ncontract
-        if math.prod(shape) != math.prod(self.shape) or tuple(self.perm[:old_lead]) != tuple(range(old_lead)):
-            raise ValueError(f"cannot reshape a {tuple(self.shape)} decode-layout weight to {shape}")
-        if old_lead > kept:
-            raise ValueError(f"cannot reshape a {tuple(self.shape)} weight to {shape}: merges contracted axes")
-        perm = (*range(new_lead), *(p - old_lead + new_lead for p in self.perm[old_lead:]))
+        from gemma4_jax.quant.weight import reshaped_layout
+
+        shape, perm, _, _ = reshaped_layout(self.shape, self.perm, self.ncontract, shape, "decode-layout")
         return dataclasses.replace(self, shape=shape, perm=perm)
 
 
@@ -118,13 +108,15 @@ def matmul(x, data):
     return parts[0] if n == 1 else sum(jax.lax.reduce_precision(p, 8, 23) for p in parts)
 
 
+def fused_lm_head(x, table) -> bool:
+    """Whether the tied LM head takes the fused 1-D form: XLA:CPU, 16/32-bit table, one row, D <= MAX_CHUNK."""
+    return wanted(table.dtype) and math.prod(x.shape[:-1]) == 1 and x.shape[-1] <= MAX_CHUNK
+
+
 def lm_head(x, table):
-    """The tied LM head on XLA:CPU: x [B, T, D] @ table [V, D].T -> [B, T, V] float32. The table is [out, in]
-    already, so a single row is the fused 1-D form without any re-layout; more rows use the native dot."""
-    b, t, d = x.shape
-    if b * t == 1 and d <= MAX_CHUNK and wanted(table.dtype):
-        return jnp.dot(x.reshape(d).astype(jnp.float32), table.T.astype(jnp.float32)).reshape(1, 1, -1)
-    return jnp.einsum("btd,vd->btv", x.astype(table.dtype), table, preferred_element_type=jnp.float32)
+    """The tied LM head for one row (`fused_lm_head`): x [1, 1, D] @ table [V, D].T -> [1, 1, V] float32. The
+    table is [out, in] already, so this is the fused 1-D form without any re-layout."""
+    return jnp.dot(x.reshape(-1).astype(jnp.float32), table.T.astype(jnp.float32)).reshape(1, 1, -1)
 
 
 def uses_decode_layout(leaf: param_spec.Leaf) -> bool:

@@ -471,7 +471,7 @@ class Embedder(nn.Module):
         table = self.input_embedding
         if not is_dense(table):
             return table.einsum("btd,vd->btv", x).astype(_accum_dtype(x.dtype))
-        if matvec.wanted(table.dtype) and x.shape[0] * x.shape[1] == 1:  # XLA:CPU: the fused 1-D form
+        if matvec.fused_lm_head(x, table):  # XLA:CPU, one row
             return matvec.lm_head(x, table)
         return jnp.einsum("btd,vd->btv", x, table.astype(x.dtype), preferred_element_type=_accum_dtype(x.dtype))
 

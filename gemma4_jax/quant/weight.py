@@ -99,30 +99,36 @@ class QuantizedWeight:
 
     def reshape(self, *shape):
         """Merges/splits leading logical axes that come before every contracted axis."""
-        if len(shape) == 1 and isinstance(shape[0], tuple | list):
-            shape = tuple(shape[0])
-        shape = tuple(int(s) for s in shape)
+        shape, perm, old_lead, new_lead = reshaped_layout(self.shape, self.perm, self.ncontract, shape, "quantized")
         if shape == tuple(self.shape):
             return self
-        # The longest common suffix stays; the axes before it are the ones that change.
-        keep = 0
-        while keep < min(len(shape), len(self.shape)) and shape[-1 - keep] == self.shape[-1 - keep]:
-            keep += 1
-        old_lead, new_lead = len(self.shape) - keep, len(shape) - keep
-        if math.prod(shape[:new_lead]) != math.prod(self.shape[:old_lead]) or tuple(self.perm[:old_lead]) != tuple(
-            range(old_lead)
-        ):
-            raise ValueError(f"cannot reshape a quantized {tuple(self.shape)} weight to {shape}")
-        perm = (*range(new_lead), *(p - old_lead + new_lead for p in self.perm[old_lead:]))
-        rows_old = len(self.perm) - self.ncontract
-        if rows_old < old_lead:
-            raise ValueError(
-                f"cannot reshape a quantized {tuple(self.shape)} weight to {shape}: merges contracted axes"
-            )
         rows_shape = (*shape[:new_lead], *self.codes.shape[old_lead:-1])
         codes = self.codes.reshape(*rows_shape, self.codes.shape[-1])
         scales = self.scales if self.format == "sfp8" else self.scales.reshape(*rows_shape, self.scales.shape[-1])
         return dataclasses.replace(self, codes=codes, scales=scales, shape=shape, perm=perm)
+
+
+def reshaped_layout(shape, perm, ncontract: int, new_shape, what: str):
+    """(new shape, its perm, old and new count of changed leading axes) of a weight object in a stored layout (axes
+    `perm`, the last `ncontract` contracted) reshaped to `new_shape` (a tuple, or its sizes as arguments): only
+    leading uncontracted axes that lead the stored layout may merge or split; the longest common suffix stays."""
+    if len(new_shape) == 1 and isinstance(new_shape[0], tuple | list):
+        new_shape = tuple(new_shape[0])
+    new_shape = tuple(int(s) for s in new_shape)
+    if new_shape == tuple(shape):
+        return new_shape, tuple(perm), 0, 0
+    keep = 0
+    while keep < min(len(new_shape), len(shape)) and new_shape[-1 - keep] == shape[-1 - keep]:
+        keep += 1
+    old_lead, new_lead = len(shape) - keep, len(new_shape) - keep
+    if math.prod(new_shape[:new_lead]) != math.prod(shape[:old_lead]) or tuple(perm[:old_lead]) != tuple(
+        range(old_lead)
+    ):
+        raise ValueError(f"cannot reshape a {what} {tuple(shape)} weight to {new_shape}")
+    if len(perm) - ncontract < old_lead:
+        raise ValueError(f"cannot reshape a {what} {tuple(shape)} weight to {new_shape}: merges contracted axes")
+    new_perm = (*range(new_lead), *(p - old_lead + new_lead for p in perm[old_lead:]))
+    return new_shape, new_perm, old_lead, new_lead
 
 
 def sfp8_decode_jax(codes):
