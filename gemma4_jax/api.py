@@ -13,6 +13,7 @@ when they do not. Every command of the CLI is a thin parser over this module and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -200,6 +201,7 @@ class Model:
     tokenizer: Tokenizer | None = None
     source: str = ""
     directory: str | None = None
+    mesh: jax.sharding.Mesh | None = None  # the device mesh the parameters are sharded on (`load(mesh=...)`)
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -264,7 +266,7 @@ class Model:
 
     def sampler(self, sampling: SamplingConfig | None = None, stop_tokens=DEFAULT_STOP_TOKENS) -> Sampler:
         """A sampler over this model (greedy by default)."""
-        return Sampler(self.config, self.params, sampling or SamplingConfig(), stop_tokens)
+        return Sampler(self.config, self.params, sampling or SamplingConfig(), stop_tokens, mesh=self.mesh)
 
     def generate(
         self,
@@ -305,7 +307,8 @@ class Model:
         if soft is not None:
             embeddings, mask, blocks = multimodal.batch([soft], len(ids), _compute_dtype(self.params))
             extra = {"soft_tokens": embeddings, "soft_mask": mask, "blocks": blocks}
-        out, _ = _jitted_apply()(self.params, np.asarray([ids], np.int32), config=self.config, **extra)
+        with _mesh_context(self.mesh):
+            out, _ = _jitted_apply()(self.params, np.asarray([ids], np.int32), config=self.config, **extra)
         values = np.asarray(out[0], np.float32)
         if not np.isfinite(values).all():
             raise Gemma4Error("the forward pass produced non-finite logits (are the weights damaged?)")
@@ -322,6 +325,11 @@ def _media_parts(messages) -> list[dict]:
         and part.get("type") in ("image", "audio")
         and (part.get(part["type"]) or part.get("path"))
     ]
+
+
+def _mesh_context(mesh):
+    """The model's mesh as the surrounding one (activation layouts, `sharding.constrain`), or nothing."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def _compute_dtype(params):
@@ -344,11 +352,14 @@ def read_params(
     progress: bool = True,
     check_finite: bool = True,
     layout: str = "checkpoint",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Params:
     """Every leaf of `source` as a JAX array of `dtype` (quantized checkpoints: packed weights), one at a time; the
     PLE table stays in host RAM or memory-mapped with `ple_mode` host/mmap. Non-finite weights are refused, naming
     the tensor. `layout` "decode": the text decoder's matrices as `matvec.DecodeWeight`s (XLA:CPU decode at memory
-    bandwidth), made leaf by leaf while reading."""
+    bandwidth), made leaf by leaf while reading. With a `mesh`, each leaf goes straight onto its shards
+    (`sharding.RULES`): each process reads the leaf (an orbax checkpoint: only the slices of its own devices) and
+    transfers only its devices' shards, so no device ever holds a whole sharded tensor."""
     from gemma4_jax import matvec
     from gemma4_jax.hf_format import np_dtype
     from gemma4_jax.quant.checkpoint import QuantizedSource
@@ -364,6 +375,9 @@ def read_params(
         elif isinstance(source, QuantizedSource):
             value = source.load_weight(leaf, dtype)
             nbytes = 0
+        elif mesh is not None:
+            value = _read_sharded(source, leaf, np_dtype(param_spec.leaf_dtype(leaf, dtype)), mesh, check_finite)
+            nbytes = math.prod(leaf.shape) * value.dtype.itemsize
         else:
             # Read straight into the load dtype (a random source draws in it, as init_params does), in an aligned
             # buffer that the CPU backend adopts as the array's memory without a copy.
@@ -381,6 +395,32 @@ def read_params(
         meter.advance(nbytes)
     meter.close()
     return params
+
+
+def _read_sharded(source: sources.WeightSource, leaf: param_spec.Leaf, dtype, mesh, check_finite: bool):
+    from gemma4_jax import sharding
+
+    target = jax.sharding.NamedSharding(mesh, sharding.leaf_spec(leaf, mesh))
+    allow_inf = leaf.init in ("inf", "-inf")
+    whole = None
+    blocks: dict = {}
+
+    def block(index):
+        nonlocal whole
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in blocks:  # devices holding the same block (replicated axes) share one read
+            if source.reads_slices:
+                value = source.read_slice(leaf, dtype, index)
+            else:
+                if whole is None:
+                    whole = source.read(leaf, dtype)
+                value = whole[index]
+            if check_finite:
+                check_finite_array(value, leaf.name, source.description, allow_inf=allow_inf)
+            blocks[key] = np.ascontiguousarray(value)
+        return blocks[key]
+
+    return jax.make_array_from_callback(leaf.shape, target, block)
 
 
 def check_finite_array(array: np.ndarray, name: str, where: str, allow_inf: bool = False) -> None:
@@ -405,6 +445,7 @@ def load(
     progress: bool = True,
     text_only: bool = False,
     layout: str = "auto",
+    mesh=None,
 ) -> Model:
     """A model from `source`: a local orbax / HF / quantized directory, `kaggle:...`, `hf:...`, or None for random
     weights of `variant` (a preset) or `config` (an HF-style config.json path or a Gemma4Config; default: the tiny
@@ -413,6 +454,9 @@ def load(
     from an HF checkpoint. `tokenizer` overrides the checkpoint's tokenizer (a directory or file). `text_only` leaves
     the vision and audio encoders out. `layout` "auto" stores the text decoder's matrices for fast decoding where
     that pays (`matvec`: on CPU, 16/32-bit weights), "checkpoint" keeps the official layout (training, exports).
+    `mesh` shards the parameters over devices (`gemma4_jax.sharding`): a `jax.sharding.Mesh` with its axes, sizes
+    such as {"fsdp": 4, "tensor": 2}, or the `--mesh` text ("fsdp=4,tensor=2", a preset, "auto"); each tensor goes
+    straight onto its shards while it is read.
 
     Options that do not apply are refused: `ple`/`variant`/`config` for quantized checkpoints, `ple` other than
     "device" for models without PLE."""
@@ -453,16 +497,39 @@ def load(
                 file=sys.stderr,
             )
             chosen, plan = jnp.dtype(jnp.bfloat16), smaller
-    check_fits(src, plan, available)
+    if mesh is not None:
+        mesh = mesh_for(src.config, mesh)
+        if isinstance(src, _quantized_source_type()):
+            raise Gemma4Error(
+                "--mesh: a quantized checkpoint loads on one device; shard the float checkpoint it came from"
+            )
+    if mesh is None or (jax.default_backend() == "cpu" and jax.process_count() == 1):
+        check_fits(src, plan, available)  # on accelerators the shards live in device memory, not host RAM
     if layout not in ("auto", "checkpoint", "decode"):
         raise Gemma4Error(f"layout must be auto, checkpoint or decode, got {layout!r}")
+    if mesh is not None:
+        layout = "checkpoint"  # the decode layout is a single-device CPU form
     if layout == "auto":
         from gemma4_jax import matvec
 
         layout = "decode" if matvec.wanted(chosen) else "checkpoint"
-    params = read_params(src, chosen, ple, progress, layout=layout)
+    params = read_params(src, chosen, ple, progress, layout=layout, mesh=mesh)
     tok = load_tokenizer_of(tokenizer or src.directory, required=tokenizer is not None)
-    return Model(src.config, params, tok, src.description, src.directory)
+    return Model(src.config, params, tok, src.description, src.directory, mesh)
+
+
+def mesh_for(config: Gemma4Config, mesh) -> jax.sharding.Mesh | None:
+    """A `jax.sharding.Mesh` from what `load(mesh=...)` accepts, checked against `config` (one device: None)."""
+    from gemma4_jax import sharding
+
+    if isinstance(mesh, str):
+        mesh = sharding.parse_mesh(mesh, config, jax.device_count())
+    if not isinstance(mesh, jax.sharding.Mesh):
+        mesh = sharding.make_mesh(mesh)
+    if tuple(mesh.axis_names) != sharding.MESH_AXES:
+        raise Gemma4Error(f"a mesh needs the axes {', '.join(sharding.MESH_AXES)}, got {', '.join(mesh.axis_names)}")
+    sharding.check_mesh_fits(config, mesh)
+    return mesh if mesh.size > 1 else None
 
 
 def ple_modes() -> tuple[str, ...]:
@@ -487,6 +554,13 @@ def load_tokenizer_of(path: str | None, required: bool) -> Tokenizer | None:
         return None
 
 
-def from_params(config: Gemma4Config, params: Params, tokenizer: Tokenizer | None = None, source="parameters"):
-    """A Model around parameters already in memory."""
-    return Model(config, params, tokenizer, source)
+def from_params(
+    config: Gemma4Config, params: Params, tokenizer: Tokenizer | None = None, source="parameters", mesh=None
+):
+    """A Model around parameters already in memory; with a `mesh` (as `load` takes it) they are resharded onto it."""
+    from gemma4_jax import sharding
+
+    if mesh is not None and (mesh := mesh_for(config, mesh)) is not None:
+        specs = sharding.param_specs(config, mesh)
+        params = sharding.place(params, mesh, {k: specs[k] for k in params})
+    return Model(config, params, tokenizer, source, mesh=mesh)

@@ -22,12 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma4_jax import matvec
+from gemma4_jax import matvec, sharding
 from gemma4_jax.config import GLOBAL, LOCAL, Gemma4Config
 
 Array = jax.Array
 Params = dict[str, Any]
 Cache = dict[str, Any]
+# The residual stream [B, T, D] on a mesh: split by example only (see `sharding.constrain`).
+RESIDUAL_AXES = (sharding.BATCH, "seq", "residual")
 
 # Masked attention logits (the reference JAX value; finite so all-masked padding rows stay NaN-free).
 _MASKED = -2.3819763e38
@@ -521,6 +523,7 @@ class Gemma4Transformer(nn.Module):
         x = embedder.encode(tokens)
         if soft_mask is not None:  # encoder embeddings replace the placeholders' as they are (not scaled by sqrt(D))
             x = jnp.where(soft_mask[..., None], soft_tokens.astype(x.dtype), x)
+        x = sharding.constrain(x, RESIDUAL_AXES)
         per_layer = None
         if cfg.per_layer_input_dim:  # the context part projects the merged embeddings, soft tokens included
             per_layer = embedder.per_layer_inputs(tokens, x, per_layer_tokens)
@@ -557,6 +560,7 @@ class Gemma4Transformer(nn.Module):
                 segments,
                 query_blocks,
             )
+            x = sharding.constrain(x, RESIDUAL_AXES)
             if not reader:
                 contexts[i] = ctx
                 if new_entry is not None:

@@ -190,15 +190,23 @@ class OrbaxSource(WeightSource):
         stored = self.stored.get(leaf.path) or self.stored[(leaf.path[0], "attn", "q_einsum", "w")]
         return stored.dtype
 
+    reads_slices = True  # TensorStore reads a slice of a tensor without the rest
+
     def read(self, leaf: Leaf, dtype=None) -> np.ndarray:
         """One leaf, converted to `dtype` (None: as stored) while it is read, in a 64-byte-aligned buffer."""
+        return self.read_slice(leaf, dtype, ())
+
+    def read_slice(self, leaf: Leaf, dtype, index: tuple[slice, ...]) -> np.ndarray:
         import tensorstore as ts
 
         from gemma4_jax.hf_format import np_dtype
 
         target = np_dtype(dtype) if dtype is not None else self.dtype(leaf)
+        shape = (
+            tuple(len(range(*s.indices(n))) for s, n in zip(index, leaf.shape, strict=False)) + leaf.shape[len(index) :]
+        )
         if leaf.path not in self.stored:  # unused reader K/V
-            out = aligned_empty(leaf.shape, target)
+            out = aligned_empty(shape, target)
             out[...] = 0
             return out
         path, leaf = leaf.path, self.stored[leaf.path]
@@ -208,9 +216,11 @@ class OrbaxSource(WeightSource):
                 raise ValueError(f"stored shape {tuple(store.shape)} differs from its metadata {leaf.shape}")
             if leaf.index is not None:
                 store = store[leaf.index]
+            if index:
+                store = store[index].translate_to[(0,) * len(shape)]
             if store.dtype.numpy_dtype != target:
                 store = ts.cast(store, ts.dtype(target.name))
-            out = aligned_empty(leaf.shape, target)
+            out = aligned_empty(shape, target)
             ts.array(out).write(store).result()
         except Exception as e:  # tensorstore reports missing/damaged data as ValueError/OSError/...
             raise Gemma4Error(

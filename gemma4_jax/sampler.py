@@ -6,6 +6,7 @@ neither attended to nor cached) and every row continues from its own length.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from gemma4_jax import multimodal
 from gemma4_jax.config import Gemma4Config
@@ -81,7 +83,6 @@ def _bucket(n: int, minimum: int = 16) -> int:
 
 
 # `ple_rows` [B, T, L, P]: PLE table rows gathered on the host (None: the table is in `params`).
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
 def _prefill(config, sampling, params, tokens, positions, cache, last_index, key, ple_rows, soft):
     soft_tokens, soft_mask, blocks = soft if soft is not None else (None, None, None)
     logits, cache = apply(
@@ -99,10 +100,28 @@ def _prefill(config, sampling, params, tokens, positions, cache, last_index, key
     return sample_token(logits[:, 0], key, sampling), jnp.isfinite(logits).all(), cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
 def _step(config, sampling, params, token, position, cache, key, ple_rows):
     logits, cache = apply(params, token[:, None], position[:, None], cache, config=config, per_layer_tokens=ple_rows)
     return sample_token(logits[:, 0], key, sampling), jnp.isfinite(logits).all(), cache
+
+
+def _jit(fn, out_shardings=None):
+    return jax.jit(fn, static_argnums=(0, 1), donate_argnums=(5,), out_shardings=out_shardings)
+
+
+_jitted = {"prefill": _jit(_prefill), "step": _jit(_step)}  # one-device programs, shared by all samplers
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_jits(mesh: jax.sharding.Mesh, cache_specs):
+    """Prefill and step on `mesh`: the cache stays on its shards (`cache_specs`, a hashable tree), the sampled
+    tokens and the finiteness flag come back replicated (every process reads them)."""
+    from gemma4_jax import sharding
+
+    replicated = jax.sharding.NamedSharding(mesh, PartitionSpec())
+    cache = sharding.shardings(mesh, jax.tree_util.tree_unflatten(*cache_specs))
+    out = (replicated, replicated, cache)
+    return {"prefill": _jit(_prefill, out), "step": _jit(_step, out)}
 
 
 def _check_finite(finite) -> None:
@@ -127,6 +146,7 @@ class Sampler:
         stop_tokens: Sequence[int] = DEFAULT_STOP_TOKENS,
         cache_dtype=None,
         ple_table: HostPLE | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         without_table, table = split_table(params)
         if ple_table is None and isinstance(table, HostPLE):
@@ -140,6 +160,7 @@ class Sampler:
         self.params = params
         self.sampling = sampling
         self.stop_tokens = tuple(stop_tokens)
+        self.mesh = mesh  # params sharded on it (`api.load(mesh=...)`): the batch and the cache are split too
         # The embedding's dtype is the compute dtype, also when it is a weight object (packed codes inside).
         self.cache_dtype = cache_dtype or params["embedder"]["input_embedding"].dtype
 
@@ -196,9 +217,27 @@ class Sampler:
             ple_ids = np.where(np.asarray(soft_arrays[1]), self.config.pad_id, tokens)  # soft slots read the pad row
         prompt_rows = self._ple_rows(ple_ids)
         step_rows = self._ple_rows(np.zeros((batch, 1), np.int32))
-        prefill = _prefill.lower(*static, tokens, positions, cache, last_index, key, prompt_rows, soft_arrays)
-        prefill = prefill.compile()
-        step_fn = _step.lower(*static, last_index, last_index, cache, key, step_rows).compile()
+        jitted = _jitted
+        if self.mesh is not None:
+            cache, tokens, positions, last_index, prompt_rows, soft_arrays = self._shard(
+                cache, tokens, positions, last_index, prompt_rows, soft_arrays
+            )
+            jitted = _sharded_jits(self.mesh, self._cache_specs(cache))
+        with self._mesh_context():
+            prefill = (
+                jitted["prefill"]
+                .lower(*static, tokens, positions, cache, last_index, key, prompt_rows, soft_arrays)
+                .compile()
+            )
+            # The step takes the sampled token as the prefill returns it (replicated on a mesh).
+            token_like = (
+                last_index
+                if self.mesh is None
+                else jax.ShapeDtypeStruct(
+                    last_index.shape, last_index.dtype, sharding=jax.sharding.NamedSharding(self.mesh, PartitionSpec())
+                )
+            )
+            step_fn = jitted["step"].lower(*static, token_like, last_index, cache, key, step_rows).compile()
         prefill_start = time.perf_counter()
         token, finite, cache = prefill(
             self.params, tokens, positions, cache, last_index, jax.random.fold_in(key, 0), prompt_rows, soft_arrays
@@ -223,13 +262,14 @@ class Sampler:
                     on_token(int(row), int(ids[row]))
             if done.all() or step == max_new_tokens - 1:
                 break
+            rows = self._ple_rows(ids[:, None])  # the token is on the host already (streaming)
             token, finite, cache = step_fn(
                 self.params,
                 token,
-                jnp.asarray(position),
+                jnp.asarray(position) if self.mesh is None else self._shard(position)[0],
                 cache,
                 jax.random.fold_in(key, step + 1),
-                self._ple_rows(ids[:, None]),  # the token is on the host already (streaming)
+                rows if self.mesh is None or rows is None else self._shard(rows)[0],
             )
             position += 1
             steps += 1
@@ -237,6 +277,28 @@ class Sampler:
         return Generation(
             out, reasons, prefill_start - compile_start, decode_start - prefill_start, end - decode_start, steps
         )
+
+    def _mesh_context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _shard(self, *trees):
+        """The cache (a dict) on `sharding.cache_specs`, other arrays split on their first (batch) axis."""
+        from gemma4_jax import sharding
+
+        out = []
+        for tree in trees:
+            if isinstance(tree, dict):
+                specs = sharding.cache_specs(tree, self.mesh)
+            else:
+                specs = jax.tree.map(lambda x: sharding.batch_spec(np.shape(x), self.mesh), tree)
+            out.append(sharding.place(tree, self.mesh, specs))
+        return out
+
+    def _cache_specs(self, cache):
+        from gemma4_jax import sharding
+
+        leaves, treedef = jax.tree_util.tree_flatten(sharding.cache_specs(cache, self.mesh))
+        return treedef, tuple(leaves)
 
     def _ple_rows(self, tokens: np.ndarray) -> np.ndarray | None:
         return None if self.ple_table is None else self.ple_table.rows(embedding_ids(self.config, tokens))

@@ -82,6 +82,13 @@ class WeightSource:
         """The leaf in the official layout, in `dtype` (None: as stored); absent unused leaves are zeros."""
         raise NotImplementedError
 
+    # True where `read_slice` reads just the slice (sharded loading then reads only a process's own shards).
+    reads_slices = False
+
+    def read_slice(self, leaf: Leaf, dtype, index: tuple[slice, ...]) -> np.ndarray:
+        """`read(leaf, dtype)[index]`, for sources that can read part of a tensor (`reads_slices`)."""
+        return self.read(leaf, dtype)[index]
+
     def hf_rows(self, leaf: Leaf, index: int, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of the leaf's HF tensor `index` (of `leaf.hf`). This default converts the whole leaf
         once and slices it; sources that store HF tensors read just the rows."""

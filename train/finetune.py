@@ -9,6 +9,7 @@ import time
 
 import jax
 
+from gemma4_jax import sharding
 from gemma4_jax.errors import Gemma4Error
 from gemma4_jax.matvec import checkpoint_layout
 from gemma4_jax.train import data, loop, lora
@@ -48,6 +49,9 @@ def finetune(
         raise Gemma4Error(f"output directory does not exist: {os.path.dirname(os.path.abspath(out))}")
     if quantize not in (None, "int8", "int4"):
         raise Gemma4Error(f"--quantize must be int8 or int4, got {quantize!r}")
+    mesh = getattr(model, "mesh", None)
+    if quantize and mesh is not None:
+        raise Gemma4Error("--quantize (QLoRA) trains on one device; drop --mesh or --quantize")
     if model.params["embedder"].get("per_layer_embeddings") is not None and not hasattr(
         model.params["embedder"]["per_layer_embeddings"], "shape"
     ):
@@ -71,9 +75,20 @@ def finetune(
         f"({len(train_examples)} train / {len(eval_examples)} eval){dropped}"
     )
     result = loop.train(
-        cfg, base, train_rows, eval_rows, lora_config, train_config, out, resume=resume, base_id=base_id(cfg, quantize)
+        cfg,
+        base,
+        train_rows,
+        eval_rows,
+        lora_config,
+        train_config,
+        out,
+        resume=resume,
+        base_id=base_id(cfg, quantize),
+        mesh=mesh,
     )
-    lora.save_peft(out, cfg, jax.device_get(result.adapters), lora_config, base_model=base_model, prefix=text_prefix)
+    adapters = sharding.to_host(result.adapters)  # every process joins the gather; the first one writes
+    if jax.process_index() == 0:
+        lora.save_peft(out, cfg, adapters, lora_config, base_model=base_model, prefix=text_prefix)
     size = os.path.getsize(os.path.join(out, lora.PEFT_WEIGHTS))
     steps = train_config.steps
     final = result.losses.get(steps)

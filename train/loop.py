@@ -9,6 +9,7 @@ Output directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -102,17 +103,9 @@ def token_losses(params, batch, config: Gemma4Config, remat: bool) -> tuple[jax.
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-@functools.lru_cache(maxsize=8)
-def make_step(config: Gemma4Config, lora: lora_lib.LoraConfig, tc: TrainConfig) -> Callable:
-    """step(adapters, opt_state, base, batch [A, B, T], step) -> (adapters, opt_state, metrics).
-
-    The A micro-batches are scanned; the loss is the token-weighted mean over all of them (the same update as
-    one batch of A·B rows). `base` is an argument (not a constant baked into the program) and is not donated:
-    it is read in place every step.
-    """
-    import optax
-
-    optimizer, _ = make_optimizer(tc)
+def accumulated_grads(config: Gemma4Config, lora: lora_lib.LoraConfig, tc: TrainConfig) -> Callable:
+    """grads(adapters, base, batch [A, B, T], step) -> (grads, loss, tokens): the A micro-batches scanned, the
+    gradient and loss token-weighted means over all of them (the same as one batch of A·B rows)."""
 
     def loss_sums(adapters, base, micro, key):
         params = lora_lib.attach(base, adapters, config, lora, key)
@@ -120,24 +113,42 @@ def make_step(config: Gemma4Config, lora: lora_lib.LoraConfig, tc: TrainConfig) 
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
-    def step(adapters, opt_state, base, batch, step_index):
+    def grads(adapters, base, batch, step_index):
         key = jax.random.fold_in(jax.random.key(tc.seed), step_index)
         keys = jax.random.split(key, tc.accumulation)
 
         def micro_step(carry, xs):
-            grads, total, count = carry
+            total_grads, total, count = carry
             micro, k = xs
             (s, n), g = grad_fn(adapters, base, micro, k)
-            return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
+            return (jax.tree.map(jnp.add, total_grads, g), total + s, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, adapters)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, total, count), _ = jax.lax.scan(micro_step, init, (batch, keys))
+        (summed, total, count), _ = jax.lax.scan(micro_step, init, (batch, keys))
         denominator = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denominator, grads)
+        return jax.tree.map(lambda g: g / denominator, summed), total / denominator, count
+
+    return grads
+
+
+@functools.lru_cache(maxsize=8)
+def make_step(config: Gemma4Config, lora: lora_lib.LoraConfig, tc: TrainConfig) -> Callable:
+    """step(adapters, opt_state, base, batch [A, B, T], step) -> (adapters, opt_state, metrics).
+
+    `base` is an argument (not a constant baked into the program) and is not donated: it is read in place every
+    step. On a mesh (called under `jax.set_mesh`, with sharded arguments) the same program is partitioned.
+    """
+    import optax
+
+    optimizer, _ = make_optimizer(tc)
+    grads_fn = accumulated_grads(config, lora, tc)
+
+    def step(adapters, opt_state, base, batch, step_index):
+        grads, loss, count = grads_fn(adapters, base, batch, step_index)
         updates, opt_state = optimizer.update(grads, opt_state, adapters)
         adapters = optax.apply_updates(adapters, updates)
-        metrics = {"loss": total / denominator, "grad_norm": optax.global_norm(grads), "tokens": count}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
         return adapters, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))
@@ -189,8 +200,10 @@ def read_meta(manager, step: int) -> dict:
 def restore_checkpoint(manager, step: int, adapters, opt_state) -> tuple[dict, object, dict]:
     import orbax.checkpoint as ocp
 
+    # Each array comes back on the sharding of its template (any mesh, or one device), not the one it was saved on.
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"adapters": adapters, "opt_state": opt_state}
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        {"adapters": adapters, "opt_state": opt_state},
     )
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
@@ -248,9 +261,13 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = print,
     base_id: str = "",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainResult:
     """Trains LoRA adapters on `base` (frozen; dense or quantized leaves) and writes `out_dir` (see module doc).
-    `base_id` identifies the base model: a resumed run must have the same one."""
+    `base_id` identifies the base model: a resumed run must have the same one. With a `mesh` (`base` sharded on
+    it, `api.load(mesh=...)`), the adapters and their optimizer state are sharded by the rules of their base
+    weights, each step's rows are split over the batch axes, and checkpoints are written and read shard by shard
+    (a run may resume on another mesh)."""
     import optax  # noqa: F401  (fail early if missing)
 
     started = time.perf_counter()
@@ -260,9 +277,8 @@ def train(
     if existing and not resume:
         raise Gemma4Error(f"{out_dir} already has checkpoints (steps {existing}): pass --resume or choose a new -o")
 
-    optimizer, schedule = make_optimizer(tc)
-    adapters = lora_lib.init_adapters(config, lora, tc.seed)
-    opt_state = optimizer.init(adapters)
+    _, schedule = make_optimizer(tc)
+    adapters, opt_state = init_state(config, lora, tc, mesh)
     batches = Batches(train_rows, tc.batch, tc.accumulation, tc.seed)
     fingerprint = train_rows.fingerprint()
     run = {"base": base_id, "lora": lora.to_dict(), "train": tc.trajectory(), "data_fingerprint": fingerprint}
@@ -308,7 +324,8 @@ def train(
             index = np.arange(first, first + tc.batch) % len(eval_rows)
             batch = eval_rows.take(index)
             batch["weights"] = batch["weights"] * (np.arange(first, first + tc.batch) < len(eval_rows))[:, None]
-            s, n = eval_fn(adapters, base, batch)
+            with mesh_context(mesh):
+                s, n = eval_fn(adapters, base, shard_batch(batch, mesh, leading=0))
             total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
 
@@ -326,7 +343,8 @@ def train(
 
         for step in range(start + 1, tc.steps + 1):
             batch = batches.at(step - 1)
-            adapters, opt_state, m = step_fn(adapters, opt_state, base, batch, step - 1)
+            with mesh_context(mesh):
+                adapters, opt_state, m = step_fn(adapters, opt_state, base, shard_batch(batch, mesh), step - 1)
             loss, tokens = float(m["loss"]), float(m["tokens"])
             if not math.isfinite(loss):
                 progress.close()
@@ -362,12 +380,45 @@ def train(
     return TrainResult(adapters, losses, eval_losses, start, time.perf_counter() - started)
 
 
-def latest_adapters(out_dir: str, config: Gemma4Config, lora: lora_lib.LoraConfig, tc: TrainConfig):
-    """The adapters of the newest checkpoint in `out_dir`."""
+def latest_adapters(out_dir: str, config: Gemma4Config, lora: lora_lib.LoraConfig, tc: TrainConfig, mesh=None):
+    """The adapters of the newest checkpoint in `out_dir` (on `mesh`'s shards, whatever mesh wrote them)."""
     manager = _manager(out_dir)
     if manager.latest_step() is None:
         raise Gemma4Error(f"{out_dir}: no checkpoints")
+    adapters, opt_state = init_state(config, lora, tc, mesh)
+    adapters, _, _ = restore_checkpoint(manager, manager.latest_step(), adapters, opt_state)
+    return adapters
+
+
+# ----- on a mesh ----------------------------------------------------------------------------------------------
+
+
+def mesh_context(mesh):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def init_state(config: Gemma4Config, lora: lora_lib.LoraConfig, tc: TrainConfig, mesh=None):
+    """Fresh adapters and optimizer state, on `mesh`'s shards when one is given."""
     optimizer, _ = make_optimizer(tc)
     adapters = lora_lib.init_adapters(config, lora, tc.seed)
-    adapters, _, _ = restore_checkpoint(manager, manager.latest_step(), adapters, optimizer.init(adapters))
-    return adapters
+    if mesh is not None:
+        from gemma4_jax import sharding
+
+        adapters = sharding.place(adapters, mesh, sharding.adapter_specs(config, adapters, mesh))
+        with mesh_context(mesh):  # the moments take their adapters' shardings
+            return adapters, jax.jit(optimizer.init)(adapters)
+    return adapters, optimizer.init(adapters)
+
+
+def shard_batch(batch: dict, mesh, leading: int = 1) -> dict:
+    """A step's rows [A, B, T] (`leading` 1; an eval batch [B, T]: 0) split over the mesh's batch axes."""
+    if mesh is None:
+        return batch
+    from gemma4_jax import sharding
+
+    def spec(x):
+        axes = [f"_{k}" for k in range(np.ndim(x))]
+        axes[leading] = sharding.BATCH
+        return sharding.spec_of(tuple(axes), np.shape(x), mesh)
+
+    return sharding.place(batch, mesh, jax.tree.map(spec, batch))
