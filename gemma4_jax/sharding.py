@@ -203,9 +203,11 @@ def check_mesh_fits(config: Gemma4Config, mesh: Mesh | Mapping[str, int]) -> Non
             for name, dim in zip(leaf.axes, leaf.shape, strict=True):
                 if axis in RULES.get(name, ()):
                     asked.setdefault(name, set()).add(dim)
-        divides = any(axis in str(leaf_spec(leaf, sizes)) for leaf in leaves)
-        if not divides:
-            dims = "; ".join(f"{name} {sorted(d)}" for name, d in sorted(asked.items())) or "no axis of this model"
+        if not asked:
+            names = ", ".join(name for name, axes in RULES.items() if axis in axes and name != BATCH)
+            raise Gemma4Error(f"mesh axis {axis}={sizes[axis]}: {config.name} has no {names} axis for it to shard")
+        if not any(axis in str(leaf_spec(leaf, sizes)) for leaf in leaves):
+            dims = "; ".join(f"{name} {sorted(d)}" for name, d in sorted(asked.items()))
             raise Gemma4Error(
                 f"mesh axis {axis}={sizes[axis]} divides no dimension it shards in {config.name} ({dims}): "
                 f"choose a size that divides one of them"

@@ -97,9 +97,10 @@ def token_losses(params, batch, config: Gemma4Config, remat: bool) -> tuple[jax.
         blocks=batch.get("blocks"),
         remat=remat,
     )
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    acc = jnp.promote_types(logits.dtype, jnp.float32)  # float32, or float64 in float64 checks
+    logp = jax.nn.log_softmax(logits.astype(acc), axis=-1)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    weights = batch["weights"].astype(jnp.float32)
+    weights = batch["weights"].astype(acc)
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
@@ -124,7 +125,8 @@ def accumulated_grads(config: Gemma4Config, lora: lora_lib.LoraConfig, tc: Train
             return (jax.tree.map(jnp.add, total_grads, g), total + s, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, adapters)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        acc = jnp.promote_types(base["embedder"]["input_embedding"].dtype, jnp.float32)  # as token_losses sums
+        init = (zeros, jnp.zeros((), acc), jnp.zeros((), acc))
         (summed, total, count), _ = jax.lax.scan(micro_step, init, (batch, keys))
         denominator = jnp.maximum(count, 1.0)
         return jax.tree.map(lambda g: g / denominator, summed), total / denominator, count

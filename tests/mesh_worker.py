@@ -1,0 +1,226 @@
+"""Sharded runs for tests/test_mesh.py, in a process of their own: the device count is fixed when JAX starts.
+
+    python tests/mesh_worker.py presets MODEL OUT.json "fsdp;fsdp_tp"  # 8 forced host devices vs one device
+    python tests/mesh_worker.py restore CKPT OUT.json     # a training checkpoint onto other meshes
+    python tests/mesh_worker.py process DIR               # one of several jax.distributed processes
+
+Each writes numbers (JSON, .npy); the test decides what they must be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if __name__ == "__main__" and sys.argv[1] in ("presets", "restore"):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax
+import numpy as np
+
+from gemma4_jax import api, param_spec, sharding
+from gemma4_jax.model import tree_get
+from gemma4_jax.train import loop
+from gemma4_jax.train import lora as lora_lib
+
+LORA = lora_lib.LoraConfig(rank=4)
+TRAIN = loop.TrainConfig(batch=8, accumulation=2, seq_len=16, steps=3, lr=1e-2, warmup_steps=0, save_every=3)
+TOKENS = np.random.default_rng(0).integers(2, 500, (8, 12)).astype(np.int32)
+PROMPTS = [[2, *np.random.default_rng(row).integers(3, 500, 4 + 2 * row).tolist()] for row in range(4)]
+
+
+def train_batch(rows: int = TRAIN.batch) -> dict:
+    tokens = np.random.default_rng(1).integers(2, 500, (TRAIN.accumulation, rows, TRAIN.seq_len)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(TRAIN.seq_len, dtype=np.int32), tokens.shape).copy()
+    ones = np.ones(tokens.shape, np.int32)
+    return {"inputs": tokens, "targets": np.roll(tokens, -1, -1), "positions": positions, "segments": ones,
+            "weights": ones.astype(np.float32)}  # fmt: skip
+
+
+def nonzero_adapters(config, dtype=np.float32) -> dict:
+    """Adapters with B != 0 (fresh ones have B = 0, which would hide the adapter path)."""
+    adapters = lora_lib.init_adapters(config, LORA, seed=0)
+    rng = np.random.default_rng(7)
+    return jax.tree.map(lambda x: (np.asarray(x) + rng.normal(0, 0.02, x.shape)).astype(dtype), adapters)
+
+
+def forward(model: api.Model, tokens=TOKENS) -> np.ndarray:
+    with api._mesh_context(model.mesh):
+        params = model.params
+        placed = (
+            tokens
+            if model.mesh is None
+            else sharding.place(tokens, model.mesh, sharding.batch_spec(tokens.shape, model.mesh))
+        )
+        out, _ = api._jitted_apply()(params, placed, config=model.config)
+    return np.asarray(sharding.to_host(out))
+
+
+def grads(model: api.Model, adapters: dict) -> tuple[float, dict]:
+    fn = jax.jit(loop.accumulated_grads(model.config, LORA, TRAIN))
+    batch = train_batch()
+    if model.mesh is not None:
+        adapters = sharding.place(adapters, model.mesh, sharding.adapter_specs(model.config, adapters, model.mesh))
+        batch = loop.shard_batch(batch, model.mesh)
+    with api._mesh_context(model.mesh):
+        g, loss, _ = fn(adapters, model.params, batch, 0)
+    return float(loss), sharding.to_host(g)
+
+
+def max_abs(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))  # fmt: skip
+
+
+def max_of(tree) -> float:
+    return max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
+def expected_shards(leaf, sizes) -> int:
+    """How many ways the rules split a leaf, worked out here from the rules table alone: per axis, the mesh
+    axes of its rule (size > 1, unused so far) while they divide."""
+    used, total = set(), 1
+    for name, dim in zip(leaf.axes, leaf.shape, strict=True):
+        product = 1
+        for axis in sharding.RULES.get(name, ()):
+            if sizes[axis] > 1 and axis not in used and dim % (product * sizes[axis]) == 0:
+                product *= sizes[axis]
+                used.add(axis)
+        total *= product
+    return total
+
+
+def float64_model(name: str, mesh=None) -> api.Model:
+    """The random weights `api.load` draws, in float64 (placed onto `mesh` by `api.from_params`)."""
+    from gemma4_jax.config import get_config
+    from gemma4_jax.model import init_params
+
+    config = get_config(name)
+    return api.from_params(config, init_params(config, 0, np.float64), mesh=mesh)
+
+
+def presets(model_name: str, out_path: str, meshes: str) -> None:
+    """`model_name` on each of `meshes` (separated by ";") against one device."""
+    results = {}
+    meshes = meshes.split(";")
+    with jax.enable_x64(True):
+        one64 = float64_model(model_name)
+        ref64, (loss64, grads64) = forward(one64), grads(one64, nonzero_adapters(one64.config, np.float64))
+        # Greedy decoding compared in float64: random tiny weights give near-ties that f32 summation order (and,
+        # on MoE models, the expert choice it flips) may break either way; the sampler's code is the same.
+        tokens_ref = one64.sampler().generate(PROMPTS, 12).tokens
+    one = api.load(variant=model_name, dtype="float32", progress=False, layout="checkpoint")
+    ref = forward(one)
+    rows = np.concatenate([forward(one, TOKENS[r : r + 1]) for r in range(len(TOKENS))])
+    loss_ref, grads_ref = grads(one, nonzero_adapters(one.config))
+    for mesh in meshes:
+        m = api.load(variant=model_name, dtype="float32", progress=False, mesh=mesh)
+        sizes = dict(m.mesh.shape)
+        logits = forward(m)
+        loss, g = grads(m, nonzero_adapters(m.config))
+        live = sharding.live_bytes_per_device(m.params)
+        want, split_ok = 0, True
+        for leaf in param_spec.param_spec(m.config):
+            array = tree_get(m.params, leaf.path)
+            shards = expected_shards(leaf, sizes)
+            want += array.nbytes // shards
+            split_ok &= all(s.data.nbytes * shards == array.nbytes for s in array.addressable_shards)
+        with jax.enable_x64(True):
+            m64 = float64_model(model_name, mesh)
+            logits64 = forward(m64)
+            loss_64, g64 = grads(m64, nonzero_adapters(m64.config, np.float64))
+            greedy_equal = m64.sampler().generate(PROMPTS, 12).tokens == tokens_ref
+        results[mesh] = {
+            "mesh": sharding.format_sizes(m.mesh),
+            "logits": max_abs(logits, ref),
+            "logits_scale": max_of(ref),
+            "logits_vs_same_rows": max_abs(logits, rows),
+            "logits64_rel": max_abs(logits64, ref64) / max_of(ref64),
+            "greedy_equal": greedy_equal,
+            "loss": abs(loss - loss_ref),
+            "grads": max_abs(g, grads_ref),
+            "grads_scale": max_of(grads_ref),
+            "loss64_rel": abs(loss_64 - loss64) / abs(loss64),
+            "grads64_rel": max_abs(g64, grads64) / max_of(grads64),
+            "live_per_device": sorted(set(live.values())),
+            "expected_per_device": want,
+            "devices": len(live),
+            "every_leaf_split_as_ruled": bool(split_ok),
+            "replicated": sharding.replicated_where_undivided(m.config, m.mesh),
+        }
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def trained_checkpoint(directory: str, mesh) -> loop.TrainResult:
+    """Three sharded training steps of tiny on `mesh`, checkpointed (orbax, shard by shard) in `directory`."""
+    from gemma4_jax.train import data
+
+    model = api.load(variant="tiny", dtype="float32", progress=False, mesh=mesh)
+    rows = np.random.default_rng(3).integers(2, 500, (32, TRAIN.seq_len + 1)).astype(np.int32)
+    examples = [data.Example(r, np.ones(len(r), np.float32)) for r in rows]
+    train_rows = data.pack(examples, TRAIN.seq_len)
+    return loop.train(
+        model.config, model.params, train_rows, None, LORA, TRAIN, directory, log=lambda _: None, mesh=model.mesh
+    )
+
+
+def restore(checkpoint: str, out_path: str) -> None:
+    """The checkpoint of `process`/`trained_checkpoint` restored onto three meshes: logits with the adapters."""
+    out = {}
+    for mesh in ("fsdp=8", "fsdp=2,tensor=4", None):
+        model = api.load(variant="tiny", dtype="float32", progress=False, layout="checkpoint", mesh=mesh)
+        adapters = loop.latest_adapters(checkpoint, model.config, LORA, TRAIN, model.mesh)
+        specs = [str(getattr(x.sharding, "spec", "one device")) for x in jax.tree.leaves(adapters)]
+        adapted = api.Model(model.config, lora_lib.attach(model.params, adapters, model.config, LORA), mesh=model.mesh)
+        name = mesh or "one device"
+        np.save(os.path.join(os.path.dirname(out_path), f"logits {name}.npy"), forward(adapted))
+        np.savez(os.path.join(os.path.dirname(out_path), f"adapters {name}.npz"), **_flat(sharding.to_host(adapters)))
+        out[name] = {"specs": sorted(set(specs))}
+    with open(out_path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def process(directory: str) -> None:
+    """One of two jax.distributed processes (4 CPU devices each, one mesh of 8): a sharded forward, a sharded
+    gradient, three training steps with a sharded checkpoint, and its restore, written for the test."""
+    assert sharding.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    me = jax.process_index()
+    model = api.load(variant="tiny", dtype="float32", progress=False, mesh="fsdp")
+    logits = forward(model)
+    loss, g = grads(model, nonzero_adapters(model.config))
+    trained = trained_checkpoint(os.path.join(directory, "train"), model.mesh)
+    adapters = loop.latest_adapters(os.path.join(directory, "train"), model.config, LORA, TRAIN, model.mesh)
+    restored = sharding.to_host(adapters)
+    restore_error = max_abs(restored, sharding.to_host(trained.adapters))
+    local = sorted({s.device.id for x in jax.tree.leaves(model.params) for s in x.addressable_shards})
+    np.save(os.path.join(directory, f"logits {me}.npy"), logits)
+    np.savez(os.path.join(directory, f"grads {me}.npz"), **_flat(g))
+    np.savez(os.path.join(directory, f"restored {me}.npz"), **_flat(restored))
+    with open(os.path.join(directory, f"process {me}.json"), "w") as f:
+        json.dump({"loss": loss, "processes": jax.process_count(), "devices": jax.device_count(),
+                   "local_devices": local, "mesh": sharding.format_sizes(model.mesh), "restore_error": restore_error,
+                   "train_losses": trained.losses}, f)  # fmt: skip
+
+
+def single(directory: str) -> None:
+    """The one-device reference of `process` (same data, same steps)."""
+    model = api.load(variant="tiny", dtype="float32", progress=False, layout="checkpoint")
+    np.save(os.path.join(directory, "logits single.npy"), forward(model))
+    loss, g = grads(model, nonzero_adapters(model.config))
+    np.savez(os.path.join(directory, "grads single.npz"), **_flat(g))
+    trained = trained_checkpoint(os.path.join(directory, "train single"), None)
+    adapters = loop.latest_adapters(os.path.join(directory, "train single"), model.config, LORA, TRAIN)
+    np.savez(os.path.join(directory, "restored single.npz"), **_flat(sharding.to_host(adapters)))
+    with open(os.path.join(directory, "single.json"), "w") as f:
+        json.dump({"loss": loss, "train_losses": trained.losses}, f)
+
+
+def _flat(tree) -> dict:
+    return {"/".join(str(k.key) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:]
+    {"presets": presets, "restore": restore, "process": process, "single": single}[command](*args)
