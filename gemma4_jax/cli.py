@@ -7,6 +7,7 @@ Bad input ends with one line `gemma4-jax: error: ...` and exit status 2 (`--debu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -50,6 +51,17 @@ def _source_args(p: argparse.ArgumentParser, *, dtype: str | None, ple: bool, ra
         )
 
 
+def _mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mesh",
+        help="shard over devices: axis=size,... over data, fsdp, tensor, expert (e.g. fsdp=4,tensor=2), a preset "
+        "(fsdp, fsdp_tp, expert) or auto; sizes multiply to the device count (all processes)",
+    )
+    p.add_argument("--coordinator", help="multi-host: host:port of process 0 (or $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index (or $JAX_PROCESS_ID)")
+
+
 def _random_seed(args) -> int:
     from gemma4_jax.errors import Gemma4Error
 
@@ -91,6 +103,7 @@ def _load(args, default_dtype: str, tokenizer: str | None = None, layout: str = 
         default_dtype=default_dtype,
         text_only=args.text_only,
         layout=layout,
+        mesh=getattr(args, "mesh", None),
     )
 
 
@@ -357,7 +370,14 @@ def cmd_memory(args) -> int:
     from gemma4_jax import memory
 
     result = memory.plan(args.variant, args.quant, args.context, args.batch, args.ple, args.text_only)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else memory.format_plan(result))
+    share = memory.mesh_plan(result, args.mesh, args.lora_rank) if args.mesh else None
+    if args.json:
+        out = result.to_dict()
+        if share is not None:
+            out["per_device"] = dataclasses.asdict(share) | {"total": share.total}
+        print(json.dumps(out, indent=2))
+    else:
+        print(memory.format_plan(result) + (memory.format_mesh_plan(result, share, args.lora_rank) if share else ""))
     return 0
 
 
@@ -523,7 +543,7 @@ def cmd_finetune(args) -> int:
     model_tokenizer = api.load_tokenizer_of(args.tokenizer or source.directory, required=True)
     # bad data (and bad media files) fail before the weights are loaded
     dataset = data.load_dataset(args.data, model_tokenizer, args.seq_len, source.config, args.image_tokens)
-    model = api.load(source, dtype=args.dtype, tokenizer=args.tokenizer, layout="checkpoint")
+    model = api.load(source, dtype=args.dtype, tokenizer=args.tokenizer, layout="checkpoint", mesh=args.mesh)
     prefix = text_prefix(source.files.names()) if isinstance(source, HFSource) else "model."
     summary = finetune.finetune(
         model,
@@ -576,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     _media_args(g)
     _sampling_args(g)
     g.add_argument("--stop", default=None, help="stop token ids (default 1,106,50; empty string: none)")
+    _mesh_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="multi-turn chat in the terminal", description=cmd_chat.__doc__)
@@ -586,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=512)
     c.add_argument("--image-tokens", type=int, default=280, help="soft tokens per image: 70, 140, 280, 560, 1120")
     _sampling_args(c)
+    _mesh_args(c)
     c.set_defaults(func=cmd_chat)
 
     lg = sub.add_parser(
@@ -596,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(lg, dtype="float32", ple=True)
     lg.add_argument("--tokens", required=True, help="token ids, e.g. 2,15,27")
     lg.add_argument("--out", required=True, help="output .npy file")
+    _mesh_args(lg)
     lg.set_defaults(func=cmd_logits)
 
     info = sub.add_parser("info", help="config and parameter counts", description="Print config and sizes.")
@@ -619,6 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch", type=int, default=1)
     m.add_argument("--ple", choices=tuple(PLE_PLACES), default="device", help="where the PLE table lives")
     m.add_argument("--text-only", action="store_true", help="leave out the vision and audio encoders")
+    m.add_argument(
+        "--mesh",
+        help="also the bytes each device holds on this mesh, e.g. fsdp=8 or fsdp=2,tensor=4 (axes data, fsdp, "
+        "tensor, expert), and which common slices of that many devices it fits",
+    )
+    m.add_argument("--lora-rank", type=int, default=0, help="with --mesh: add LoRA adapters of this rank + AdamW")
     m.add_argument("--json", action="store_true", help="machine-readable output (exact bytes)")
     m.set_defaults(func=cmd_memory)
 
@@ -779,6 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--remat", action="store_true", help="recompute layers in the backward pass (less memory)")
     ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in -o")
     ft.add_argument("-o", "--output", required=True, help="output directory")
+    _mesh_args(ft)
     ft.set_defaults(func=cmd_finetune)
 
     mg = sub.add_parser(
@@ -805,6 +835,10 @@ def main(argv: list[str] | None = None) -> int:
             from gemma4_jax.api import use_compilation_cache
 
             use_compilation_cache()
+        if hasattr(args, "coordinator"):
+            from gemma4_jax.sharding import initialize_distributed
+
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before JAX starts
         return args.func(args)
     except Gemma4Error as e:
         if args.debug:

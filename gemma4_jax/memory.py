@@ -213,3 +213,68 @@ def format_plan(p: Plan) -> str:
             f"(never read; {human_bytes(weight_bytes(p.reader_kv_params, p.quant))} if a loader keeps them)."
         )
     return "\n".join(lines)
+
+
+# ----- on a device mesh ---------------------------------------------------------------------------------------
+
+# Common slices: accelerator memory per device (bytes) by device count. A TPU "-8" name counts TensorCores: v4-8
+# and v5p-8 are 4 chips, v5e-8 and v6e-8 are 8.
+SLICES = {
+    "TPU v5e-8": (8, 16 * 2**30),
+    "TPU v6e-8": (8, 32 * 2**30),
+    "TPU v4-8": (4, 32 * 2**30),
+    "TPU v5p-8": (4, 95 * 2**30),
+    "8x H100 80GB": (8, 80 * 10**9),
+    "8x H200": (8, 141 * 10**9),
+    "4x A100 40GB": (4, 40 * 10**9),
+}
+# Room kept free on each device for activations, compiled programs and the runtime (as `HEADROOM` on the host).
+DEVICE_HEADROOM = 0.10
+
+
+def mesh_plan(p: Plan, mesh_text: str, lora_rank: int = 0):
+    """Per-device bytes of `p` on a mesh (`--mesh` text: axis=size,... or a preset with every device), with the
+    parameter sharding rules (`gemma4_jax.sharding`)."""
+    from gemma4_jax import config, sharding
+    from gemma4_jax.errors import Gemma4Error
+
+    cfg = config.get_config(p.variant)
+    cfg = cfg.text_only() if p.text_only else cfg
+    if "=" not in mesh_text:
+        raise Gemma4Error(f"memory --mesh takes axis=size,... (e.g. fsdp=4,tensor=2), got {mesh_text!r}")
+    sizes = sharding.parse_mesh(mesh_text, cfg, math.prod(int(part.split("=")[1]) for part in mesh_text.split(",")))
+    sharding.check_mesh_fits(cfg, sizes)
+    return sharding.device_share(
+        cfg,
+        sizes,
+        float(QUANT_BYTES_PER_WEIGHT[p.quant]),
+        p.context,
+        p.batch,
+        ple_on_device=p.ple == "device",
+        tower_bytes_per_weight=TOWER_BYTES_PER_WEIGHT,
+        lora_rank=lora_rank,
+    )
+
+
+def format_mesh_plan(p: Plan, share, lora_rank: int = 0) -> str:
+    from gemma4_jax import sharding
+
+    devices = math.prod(share.mesh.values())
+    rows = [("weights", share.weights), (f"KV cache (batch {p.batch}, context {p.context})", share.kv_cache)]
+    if lora_rank:
+        rows.append((f"LoRA r={lora_rank} adapters + AdamW moments (f32)", share.optimizer))
+    rows.append(("total per device", share.total))
+    width = max(len(r[0]) for r in rows)
+    lines = ["", f"on mesh {sharding.format_sizes(share.mesh)} ({devices} devices), per device:"]
+    lines += [f"  {name:<{width}}  {n:>16,}  {human_bytes(n):>11}" for name, n in rows]
+    if share.replicated:
+        lines.append("  left whole (the mesh axis does not divide them): " + "; ".join(share.replicated))
+    fits = [
+        f"{name} ({human_bytes(room)}/device): {'fits' if share.total <= room * (1 - DEVICE_HEADROOM) else 'too big'}"
+        for name, (count, room) in SLICES.items()
+        if count == devices
+    ]
+    if fits:
+        lines.append(f"  with {DEVICE_HEADROOM:.0%} of each device kept free: " + "; ".join(fits))
+    lines.append("  Not counted: activations (batch x sequence x width per layer, more when training).")
+    return "\n".join(lines)

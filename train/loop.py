@@ -400,16 +400,29 @@ def mesh_context(mesh):
 
 
 def init_state(config: Gemma4Config, lora: lora_lib.LoraConfig, tc: TrainConfig, mesh=None):
-    """Fresh adapters and optimizer state, on `mesh`'s shards when one is given."""
+    """Fresh adapters and optimizer state, on `mesh`'s shards when one is given: each Adam moment on its adapter's
+    sharding (the step count replicated), so the state is split from the start and keeps its layout step to step."""
     optimizer, _ = make_optimizer(tc)
     adapters = lora_lib.init_adapters(config, lora, tc.seed)
-    if mesh is not None:
-        from gemma4_jax import sharding
+    if mesh is None:
+        return adapters, optimizer.init(adapters)
+    from gemma4_jax import sharding
 
-        adapters = sharding.place(adapters, mesh, sharding.adapter_specs(config, adapters, mesh))
-        with mesh_context(mesh):  # the moments take their adapters' shardings
-            return adapters, jax.jit(optimizer.init)(adapters)
-    return adapters, optimizer.init(adapters)
+    adapters = sharding.place(adapters, mesh, sharding.adapter_specs(config, adapters, mesh))
+    by_path = {_dict_keys(path): x.sharding for path, x in jax.tree_util.tree_leaves_with_path(adapters)}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def moment_sharding(path, _):
+        keys = _dict_keys(path)  # a moment's path ends with its adapter's path (optax keeps the tree)
+        return next((sh for p, sh in by_path.items() if keys[-len(p) :] == p), replicated)
+
+    abstract = jax.eval_shape(optimizer.init, adapters)
+    out = jax.tree_util.tree_map_with_path(moment_sharding, abstract)
+    return adapters, jax.jit(optimizer.init, out_shardings=out)(adapters)
+
+
+def _dict_keys(path) -> tuple:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def shard_batch(batch: dict, mesh, leading: int = 1) -> dict:
