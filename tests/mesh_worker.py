@@ -198,10 +198,11 @@ def process(directory: str) -> None:
     np.save(os.path.join(directory, f"logits {me}.npy"), logits)
     np.savez(os.path.join(directory, f"grads {me}.npz"), **_flat(g))
     np.savez(os.path.join(directory, f"restored {me}.npz"), **_flat(restored))
+    every = sorted(d.id for d in jax.devices())
     with open(os.path.join(directory, f"process {me}.json"), "w") as f:
         json.dump({"loss": loss, "processes": jax.process_count(), "devices": jax.device_count(),
-                   "local_devices": local, "mesh": sharding.format_sizes(model.mesh), "restore_error": restore_error,
-                   "train_losses": trained.losses}, f)  # fmt: skip
+                   "local_devices": local, "all_devices": every, "mesh": sharding.format_sizes(model.mesh),
+                   "restore_error": restore_error, "train_losses": trained.losses}, f)  # fmt: skip
 
 
 def single(directory: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from gemma4_jax import config, matvec, model, param_spec
 from gemma4_jax.model import tree_get, tree_set
-from gemma4_jax.sampler import Sampler, _step
+from gemma4_jax.sampler import Sampler, _jitted
 
 # Equations of the model's weight contractions, by leaf suffix (`model.py`); x gets shape [B, T, ...].
 EQUATIONS = {
@@ -114,7 +114,7 @@ def test_full_size_decode_step_has_no_weight_temporaries():
         cache = jax.eval_shape(lambda: model.init_cache(cfg, 1, 1024, jnp.bfloat16))
         rows = jax.ShapeDtypeStruct((1, 1, cfg.num_layers, cfg.per_layer_input_dim), jnp.bfloat16)
         pos = jax.ShapeDtypeStruct((1,), jnp.int32)
-        step = _step.lower(cfg, SamplingConfig(), tree, pos, pos, cache, jax.random.key(0), rows).compile()
+        step = _jitted["step"].lower(cfg, SamplingConfig(), tree, pos, pos, cache, jax.random.key(0), rows).compile()
         temps[layout] = step.memory_analysis().temp_size_in_bytes / weight_bytes
     print(f"decode-step temporaries / weight bytes: {temps}")
     assert temps["decode"] < 0.01
