@@ -570,6 +570,24 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_ship(args) -> int:
+    """A checkpoint (+ chats) to verified GGUF / LiteRT artifacts: fine-tune, merge, export, verify, report."""
+    from gemma4_jax.ship import main_summary, ship
+    from gemma4_jax.train import loop, lora
+
+    lora_config = lora.LoraConfig(args.rank, args.alpha)
+    train_config = loop.TrainConfig(
+        steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, save_every=max(1, args.steps // 4),
+        eval_every=max(1, args.steps // 4), seed=args.seed,
+    )  # fmt: skip
+    report = ship(
+        args.checkpoint, args.targets, args.output, data=args.data, lora_config=lora_config,
+        train_config=train_config, prompt=args.prompt, new_tokens=args.new_tokens, eval_text=args.eval_text,
+        eval_tokens=args.eval_tokens, prefill_len=args.prefill_len, cache_len=args.cache_len,
+    )  # fmt: skip
+    return main_summary(report)
+
+
 # ----- the parser ----------------------------------------------------------------------------------------------
 
 # = lora.DEFAULT_TARGETS (repeated so that building the parser does not import jax)
@@ -823,6 +841,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mg.add_argument("-o", "--output", required=True, help="output checkpoint directory (must not exist)")
     mg.set_defaults(func=cmd_merge)
+
+    sh = sub.add_parser(
+        "ship",
+        help="fine-tune, export and verify edge artifacts in one resumable run",
+        description="Checkpoint (+ --data chats) -> LoRA fine-tune -> merge -> export each target -> verify each in "
+        "its own runtime (llama.cpp; the LiteRT interpreter and LiteRT-LM engine) against JAX on the same quantized "
+        "weights -> DIR/report.md, report.json and plots. Rerun the same command to resume a killed run. Exit status "
+        "1 when an artifact fails verification.",
+    )
+    sh.add_argument("--checkpoint", required=True, help="local HF or orbax checkpoint directory with its tokenizer")
+    sh.add_argument("--targets", required=True, help="comma-separated, e.g. gguf:q4_0,gguf:q8_0,litert:int4")
+    sh.add_argument("-o", "--output", required=True, help="output directory (new or empty; or a ship run's, to resume)")
+    sh.add_argument("--data", action="append", help="chats/text (.jsonl or .txt) to LoRA fine-tune on (repeatable)")
+    sh.add_argument("--steps", type=int, default=100, help="fine-tune steps (default 100)")
+    sh.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    sh.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (default 32)")
+    sh.add_argument("--lr", type=float, default=1e-4, help="fine-tune learning rate (default 1e-4)")
+    sh.add_argument("--batch", type=int, default=4, help="fine-tune rows per step (default 4)")
+    sh.add_argument("--seq-len", type=int, default=256, help="fine-tune row length in tokens (default 256)")
+    sh.add_argument("--seed", type=int, default=0, help="fine-tune seed (default 0)")
+    sh.add_argument("--prompt", default="The quick brown fox", help="text whose greedy continuation is verified")
+    sh.add_argument("--new-tokens", type=int, default=8, help="greedy tokens compared per runtime (default 8)")
+    sh.add_argument("--eval-text", help="held-out text for quality without --data (default: a built-in sample)")
+    sh.add_argument("--eval-tokens", type=int, default=256, help="held-out tokens scored (default 256)")
+    sh.add_argument("--prefill-len", type=int, default=32, help="LiteRT prefill signature length (default 32)")
+    sh.add_argument("--cache-len", type=int, default=128, help="LiteRT KV cache length (default 128)")
+    sh.set_defaults(func=cmd_ship)
     return parser
 
 

@@ -32,7 +32,6 @@ rounding.
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import signal
 import subprocess
@@ -50,6 +49,7 @@ from tokenizer_fixture import write_tokenizer
 
 from gemma4_jax import cli, config, hf_format, model, param_spec
 from gemma4_jax.export import gguf as gguf_export
+from gemma4_jax.export.runtimes import llama_run
 from gemma4_jax.sampler import Sampler, SamplingConfig
 
 # llama.cpp's CPU GELU is a float16 lookup table (GGML_GELU_FP16 in ggml-cpu/vec.h: input rounded to f16, output
@@ -132,34 +132,6 @@ class Case:
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory, tokenizer_dir) -> Case:
     return Case(request.param, str(tmp_path_factory.mktemp(request.param)), tokenizer_dir)
-
-
-def _llama(path: str):
-    import llama_cpp
-
-    return llama_cpp.Llama(
-        model_path=path,
-        n_ctx=64,
-        n_batch=64,
-        n_ubatch=64,
-        logits_all=True,
-        n_threads=2,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        flash_attn=False,
-        verbose=False,
-    )
-
-
-def llama_run(path: str, tokens: list[int], new_tokens: int) -> tuple[np.ndarray, list[int]]:
-    """llama.cpp's logits for `tokens` and its greedy continuation of `tokens`."""
-    llm = _llama(path)
-    llm.eval(tokens)
-    logits = np.array(llm.scores[: len(tokens)], np.float32)
-    llm.reset()
-    greedy = list(itertools.islice(llm.generate(tokens, temp=0.0, repeat_penalty=1.0), new_tokens))
-    llm.close()
-    return logits, greedy
 
 
 def jax_run(cfg, params, tokens: list[int], new_tokens: int) -> tuple[np.ndarray, list[int], np.ndarray]:

@@ -28,6 +28,29 @@ class QuantReport:
     quantize_seconds: float
 
 
+def score_window(logp_float, logp_other, targets) -> tuple[float, float, float, int]:
+    """Sums over one window of next-token predictions: (NLL of the float model, NLL of the other one,
+    KL(float || other), top-1 agreements). `logp_*`: log-softmax [T, V] at the positions that predict `targets` [T]
+    (the other model's V may be smaller: a runtime's vocabulary trimmed to its tokenizer's)."""
+    logp_f, logp_q = np.asarray(logp_float, np.float64), np.asarray(logp_other, np.float64)
+    target = np.asarray(targets)
+    rows = np.arange(len(target))
+    kl = (np.exp(logp_f) * (logp_f - _padded(logp_q, logp_f.shape[-1]))).sum()
+    return (
+        float(-logp_f[rows, target].sum()),
+        float(-logp_q[rows, target].sum()),
+        float(kl),
+        int((logp_f.argmax(-1) == logp_q.argmax(-1)).sum()),
+    )
+
+
+def _padded(logp: np.ndarray, vocab: int) -> np.ndarray:
+    """log-probabilities over `vocab` entries, the missing ones -inf (probability 0)."""
+    if logp.shape[-1] == vocab:
+        return logp
+    return np.concatenate([logp, np.full((*logp.shape[:-1], vocab - logp.shape[-1]), -np.inf)], axis=-1)
+
+
 @functools.cache
 def _jitted_forward():
     """One jitted forward per process: repeated evaluations of the same shapes compile once."""
@@ -63,14 +86,9 @@ def eval_quant(model, policy: JaxPolicy, tokens: list[int], context: int = 512, 
         ids = np.asarray([window])
         logp_f = jax.nn.log_softmax(forward(model.params, ids, config=cfg)[0][0].astype(np.float32), axis=-1)
         logp_q = jax.nn.log_softmax(forward(qparams, ids, config=cfg)[0][0].astype(np.float32), axis=-1)
-        logp_f, logp_q = np.asarray(logp_f[:-1], np.float64), np.asarray(logp_q[:-1], np.float64)
-        target = np.asarray(window[1:])
-        rows = np.arange(len(target))
-        nll_f -= logp_f[rows, target].sum()
-        nll_q -= logp_q[rows, target].sum()
-        kl += (np.exp(logp_f) * (logp_f - logp_q)).sum()
-        agree += (logp_f.argmax(-1) == logp_q.argmax(-1)).sum()
-        scored += len(target)
+        sums = score_window(logp_f[:-1], logp_q[:-1], window[1:])
+        nll_f, nll_q, kl, agree = nll_f + sums[0], nll_q + sums[1], kl + sums[2], agree + sums[3]
+        scored += len(window) - 1
         log(f"scored {scored}/{len(tokens) - 1} tokens")
     if not np.isfinite([nll_f, nll_q, kl]).all():
         raise Gemma4Error("the forward pass produced non-finite values (are the weights damaged?)")
