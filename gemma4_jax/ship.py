@@ -188,6 +188,7 @@ class Manifest:
 
     def __init__(self, out_dir: str, inputs: dict):
         self.out_dir, self.path = out_dir, os.path.join(out_dir, MANIFEST)
+        inputs = json.loads(json.dumps(inputs))  # as recorded (tuples become lists)
         self.data = {"gemma4_jax_ship": MANIFEST_VERSION, "inputs": inputs, "runs": 0, "stages": {}}
         if os.path.exists(self.path):
             try:
@@ -281,7 +282,9 @@ def judge(
     mismatched = [i for i in range(steps) if runtime_greedy[i] != jax_greedy[i]]
     decided = [i for i in mismatched if margins[i] > 2 * err]
     error = None
-    if not math.isfinite(err) or err > bound:
+    if not math.isfinite(err):
+        error = "the runtime's logits are not finite (a damaged file?)"
+    elif err > bound:
         error = f"max |logit diff| vs JAX {err:.4g} > {bound:.4g}"
     elif decided:
         i = decided[0]
@@ -331,8 +334,9 @@ def quality(reference: _Reference, runtime_logits: Callable[[list[int]], np.ndar
     sums, scored = np.zeros(4), 0
     for window, logp_ref in zip(reference.windows, reference.logp(), strict=True):
         logits = np.asarray(runtime_logits(window), np.float64)[:-1]
-        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        sums += score_window(logp_ref, logp, window[1:])
+        with np.errstate(invalid="ignore", over="ignore"):  # a broken artifact's logits: NaN scores, reported
+            logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+            sums += score_window(logp_ref, logp, window[1:])
         scored += len(window) - 1
     nll_ref, nll, kl, agree = sums / max(scored, 1)
     return {
@@ -587,7 +591,7 @@ def render_markdown(report: ShipReport) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in report.artifacts:
-        status = a.status if a.error is None else f"{a.status}: {a.error}"
+        status = "verified" if a.status == "verified" else f"**FAILED**: {a.error}"
         tol = f"{_fmt(a.max_abs_logit_diff, '.3g')} ({_fmt(a.tolerance, '.3g')})"
         ppl = f"{_fmt(a.perplexity, '.3f')} ({_fmt(a.perplexity_reference, '.3f')})"
         size = files.human_bytes(a.size) if a.size is not None else "-"
@@ -615,7 +619,7 @@ def write_report(report: ShipReport) -> None:
     for name in ("report.json", "report.md"):
         if os.path.lexists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))  # rewritten below (atomic_output writes new files)
-    doc = dataclasses.asdict(report) | {"ok": report.ok}
+    doc = _jsonable(dataclasses.asdict(report) | {"ok": report.ok})
     files.write_json(os.path.join(out, "report.json"), doc)
     files.write_text(os.path.join(out, "report.md"), render_markdown(report))
 
