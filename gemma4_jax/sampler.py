@@ -271,7 +271,9 @@ class Sampler:
                 jax.random.fold_in(key, step + 1),
                 rows if self.mesh is None or rows is None else self._shard(rows)[0],
             )
-            position += 1
+            # A new array, never `+=`: on CPU the step's input may alias this host buffer (zero-copy) while the
+            # step still runs asynchronously, and it would read the next position (seen under load on a mesh).
+            position = position + 1
             steps += 1
         end = time.perf_counter()
         return Generation(

@@ -284,7 +284,8 @@ def shardings(mesh: Mesh, specs):
 
 def place(tree, mesh: Mesh, specs):
     """`tree` (host or device arrays, identical on every process) laid out on `mesh` as `specs` say; each process
-    transfers only the shards of its own devices."""
+    transfers only the shards of its own devices. On CPU a shard may alias its host array (zero-copy): do not
+    modify a placed host array afterwards."""
 
     def put(x, spec):
         sharding = NamedSharding(mesh, spec)
