@@ -805,8 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--targets",
         default=",".join(DEFAULT_TARGETS),
-        help="comma-separated module names (q_proj,...,down_proj, per_layer_input_gate, per_layer_projection) "
-        "or fnmatch patterns over full names like 'layers.1?.self_attn.*' (default: attention + MLP)",
+        help="comma-separated module names (q_proj,...,down_proj, per_layer_input_gate, per_layer_projection), "
+        "the MoE expert stacks (experts.gate_up_proj, experts.down_proj) or fnmatch patterns over full names like "
+        "'layers.1?.self_attn.*' (default: attention + MLP)",
     )
     ft.add_argument("--quantize", choices=("int8", "int4"), help="quantize the frozen base weights (QLoRA)")
     ft.add_argument("--steps", type=int, default=100)

@@ -63,6 +63,35 @@ def einsum(eqn: str, x: Array, w) -> Array:
     return jnp.einsum(eqn, x, w.astype(x.dtype), preferred_element_type=x.dtype)
 
 
+def ragged_einsum(eqn: str, x: Array, w, group_sizes: Array) -> Array:
+    """A per-group `einsum` over rows sorted by group: x [M, c...] (the first `group_sizes[0]` rows belong to group
+    0, ...) and w [G, ...] whose first axis is the group (the MoE experts: "md,egfd->mgf"). Weight objects (LoRA)
+    contract themselves; any other weight is read through `ragged_dot_general`, once per call whatever M."""
+    if not is_dense(w) and hasattr(w, "ragged_einsum"):
+        return w.ragged_einsum(eqn, x, group_sizes)
+    w = dense(w, x.dtype)
+    inputs, out_spec = eqn.replace(" ", "").split("->")
+    x_spec, w_spec = inputs.split(",")
+    rows, contracted = x_spec[0], x_spec[1:]
+    kept = "".join(c for c in w_spec[1:] if c not in contracted)
+    assert out_spec == rows + kept, eqn
+    out_shape = tuple(w.shape[w_spec.index(c)] for c in kept)
+    n_in, n_out = math.prod(x.shape[1:]), math.prod(out_shape)
+    # The contracted axes are one block of w (leading or trailing after the group axis), so a reshape (free)
+    # gives ragged_dot its [G, C, O] or [G, O, C] operand.
+    if w_spec[1:].startswith(contracted):
+        w, contract = w.reshape(w.shape[0], n_in, n_out), 1
+    elif w_spec.endswith(contracted):
+        w, contract = w.reshape(w.shape[0], n_out, n_in), 2
+    else:
+        raise NotImplementedError(f"ragged_einsum: contracted axes of {eqn} are not one block of the weight")
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([1], [contract]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
+    )
+    y = jax.lax.ragged_dot_general(x.reshape(x.shape[0], n_in), w, group_sizes, dims, preferred_element_type=x.dtype)
+    return y.reshape(x.shape[0], *out_shape)
+
+
 def dense(w, dtype) -> Array:
     """The weight as a plain array of `dtype` (weight objects are materialized)."""
     return w.astype(dtype) if is_dense(w) else w.materialize(dtype)
@@ -322,7 +351,7 @@ class FeedForward(nn.Module):
 
 
 class Weight(nn.Module):
-    """A bare weight named `w` (MoE expert stacks are consumed by `ragged_dot`, not by an einsum)."""
+    """A bare weight named `w` (the MoE expert stacks, read by `ragged_einsum`)."""
 
     shape: tuple[int, ...]
     dtype: Any = jnp.bfloat16
@@ -349,8 +378,8 @@ class MoE(nn.Module):
         d, e, f, top_k = cfg.embed_dim, cfg.num_experts, cfg.expert_hidden, cfg.num_experts_per_token
         router_scale = self.param("router_scale", nn.initializers.ones_init(), (d,), self.dtype)
         per_expert_scale = self.param("per_expert_scale", nn.initializers.ones_init(), (e,), self.dtype)
-        w_gating = dense(Weight((e, 2, f, d), self.dtype, name="gating_einsum")(), x.dtype)
-        w_linear = dense(Weight((e, f, d), self.dtype, name="linear")(), x.dtype)
+        w_gating = Weight((e, 2, f, d), self.dtype, name="gating_einsum")()
+        w_linear = Weight((e, f, d), self.dtype, name="linear")()
 
         acc = _accum_dtype(x.dtype)
         routed = rms_norm(residual, None, cfg.rms_norm_eps).astype(acc) * (router_scale.astype(acc) * d**-0.5)
@@ -367,22 +396,12 @@ class MoE(nn.Module):
         token_of_row = (jnp.arange(experts.shape[0]) // top_k)[order]
         group_sizes = jnp.bincount(experts, length=e).astype(jnp.int32)
         rows = x_flat[token_of_row]  # [M*k, D]
-        gate = _ragged(rows, w_gating[:, 0], group_sizes, contract_rhs=2)  # [M*k, F]
-        up = _ragged(rows, w_gating[:, 1], group_sizes, contract_rhs=2)
-        out_rows = _ragged(jax.nn.gelu(gate, approximate=True) * up, w_linear, group_sizes, contract_rhs=1)
+        gate_up = ragged_einsum("md,egfd->mgf", rows, w_gating, group_sizes)  # [M*k, 2, F]
+        hidden = jax.nn.gelu(gate_up[:, 0], approximate=True) * gate_up[:, 1]
+        out_rows = ragged_einsum("mf,efd->md", hidden, w_linear, group_sizes)
         out_rows = out_rows.astype(acc) * weights.reshape(-1)[order][:, None]
         out = jnp.zeros(x_flat.shape, acc).at[token_of_row].add(out_rows)
         return out.reshape(x.shape).astype(x.dtype)
-
-
-def _ragged(lhs: Array, rhs: Array, group_sizes: Array, contract_rhs: int) -> Array:
-    """lhs [M, C] (rows sorted by group) x rhs [E, ..., C at `contract_rhs`] -> [M, out]."""
-    dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(([1], [contract_rhs]), ([], [])),
-        lhs_ragged_dimensions=[0],
-        rhs_group_dimensions=[0],
-    )
-    return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims, preferred_element_type=lhs.dtype)
 
 
 class Block(nn.Module):

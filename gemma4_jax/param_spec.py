@@ -372,9 +372,9 @@ def _layer(cfg: Gemma4Config, i: int) -> list[Leaf]:
             leaf("mlp/router_scale", "embed", "router.scale", "ffn_gate_inp.scale"),
             leaf("mlp/per_expert_scale", "experts", "router.per_expert_scale", "ffn_down_exps.scale"),
             leaf("mlp/gating_einsum/w", "experts gate_up expert_mlp embed", "experts.gate_up_proj",
-                 "ffn_gate_up_exps.weight", contracts="embed", batch="experts", quant=MATRIX),
+                 "ffn_gate_up_exps.weight", contracts="embed", batch="experts", quant=MATRIX, lora=True),
             leaf("mlp/linear/w", "experts expert_mlp embed", "experts.down_proj", "ffn_down_exps.weight",
-                 contracts="expert_mlp", batch="experts", quant=MATRIX),
+                 contracts="expert_mlp", batch="experts", quant=MATRIX, lora=True),
             leaf("post_ffw1_norm/scale", "embed", "post_feedforward_layernorm_2.weight", "post_ffw_norm_2.weight"),
         ]  # fmt: skip
     else:

@@ -2,7 +2,8 @@
 
 Tolerances: merged vs adapted forward in f32 1e-5 max-abs on O(5) logits (only summation order differs);
 PEFT export vs transformers + peft in f64 1e-9 (as the HF parity tests: two correct implementations agree to
-~1e-13 there); resumed vs uninterrupted losses rtol 1e-6 (same programs on the same CPU, float32).
+~1e-13 there), the MoE expert stacks' adapters included (logits and gradients); resumed vs uninterrupted losses
+rtol 1e-6 (same programs on the same CPU, float32).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ QA = [
     ("What does get_weather take?", "A location string."),
 ]
 ALL_TARGETS = lora.DEFAULT_TARGETS + lora.PLE_MODULES
+MOE_TARGETS = lora.DEFAULT_TARGETS + lora.EXPERT_PARAMETERS
+
+
+def _all_targets(cfg):
+    return ALL_TARGETS if cfg.per_layer_input_dim else MOE_TARGETS if cfg.num_experts else lora.DEFAULT_TARGETS
 
 
 def _chat(q, a):
@@ -72,7 +78,12 @@ forward = jax.jit(model.apply, static_argnames=("config",))
 
 @pytest.mark.parametrize(
     "name, dtype",
-    [pytest.param("tiny", "float32", marks=pytest.mark.slow), ("tiny", "float64"), ("tiny_keqv", "float64")],
+    [
+        pytest.param("tiny", "float32", marks=pytest.mark.slow),
+        ("tiny", "float64"),
+        ("tiny_keqv", "float64"),
+        ("tiny_moe", "float64"),
+    ],
 )
 def test_merged_forward_equals_adapted_forward(name, dtype):
     """f64: equal to 1e-12. f32: max-abs <= 1e-5 x max|logit| (~4e-5 here): merely re-rounding each merged weight
@@ -80,8 +91,7 @@ def test_merged_forward_equals_adapted_forward(name, dtype):
     is below f32's floor. The f32 ratio over init seeds 0-5 is 3.7e-6 - 1.07e-5 (seed 0 is the tail, seed 1:
     4.0e-6); the weights are drawn from seed 1."""
     cfg = config.get_config(name)
-    targets = ALL_TARGETS if cfg.per_layer_input_dim else lora.DEFAULT_TARGETS
-    lora_cfg = lora.LoraConfig(rank=4, alpha=8, targets=targets)
+    lora_cfg = lora.LoraConfig(rank=4, alpha=8, targets=_all_targets(cfg))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
     with jax.enable_x64(dtype == "float64"):
         params = model.init_params(cfg, 1, jnp.dtype(dtype))
@@ -129,6 +139,18 @@ def test_adapter_count_matches_theory():
     assert not any(np.any(np.asarray(t["b"])) for t in _factor_dicts(adapters))
 
 
+def test_expert_adapter_count_matches_theory():
+    """Per MoE layer, one adapter per expert on each stack: E·r·(D + 2F) for gate_up_proj [E, 2F, D] and
+    E·r·(F + D) for down_proj [E, D, F]."""
+    cfg = config.get_config("tiny_moe")
+    lora_cfg = lora.LoraConfig(rank=3, targets=lora.EXPERT_PARAMETERS)
+    r, d, e, f = 3, cfg.embed_dim, cfg.num_experts, cfg.expert_hidden
+    adapters = lora.init_adapters(cfg, lora_cfg)
+    assert lora.count(adapters) == lora.expected_count(cfg, lora_cfg) == cfg.num_layers * e * r * (d + 2 * f + f + d)
+    a, b = (adapters["layer_0"]["mlp"]["gating_einsum"]["w"][k].shape for k in "ab")
+    assert a == (e, d, r) and b == (e, r, 2, f)
+
+
 def _factor_dicts(tree):
     if "a" in tree:
         return [tree]
@@ -145,6 +167,18 @@ def test_target_patterns():
         lora.select_targets(CFG, lora.LoraConfig(targets=("k_proj",)))
     with pytest.raises(Gemma4Error, match="match no module"):
         lora.select_targets(CFG, lora.LoraConfig(targets=("q_proj", "qkv")))
+    # MoE: the bare name down_proj is the dense MLP's module (as PEFT's target_modules); the expert stacks are
+    # parameters, selected by their own names or a full pattern
+    moe = config.get_config("tiny_moe")
+    paths = {"/".join(t.path[1:]) for t in lora.select_targets(moe, lora.LoraConfig(targets=("down_proj",)))}
+    assert paths == {"mlp2/linear"}
+    only = lora.select_targets(moe, lora.LoraConfig(targets=("experts.down_proj",)))
+    assert {"/".join(t.path[1:]) for t in only} == {"mlp/linear/w"} and len(only) == moe.num_layers
+    assert [t.layer for t in lora.select_targets(moe, lora.LoraConfig(targets=("layers.1.experts.*",)))] == [1, 1]
+    with pytest.raises(Gemma4Error, match="dropout is not supported on the MoE experts"):
+        lora.select_targets(moe, lora.LoraConfig(dropout=0.1, targets=lora.EXPERT_PARAMETERS))
+    with pytest.raises(Gemma4Error, match="match no module"):
+        lora.select_targets(CFG, lora.LoraConfig(targets=lora.EXPERT_PARAMETERS))  # a dense model has none
 
 
 @pytest.mark.slow
@@ -214,6 +248,85 @@ def test_peft_export_matches_transformers_peft(tmp_path):
 
 
 # ----- data -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_moe_expert_adapters_match_transformers_peft(tmp_path):
+    """26B-A4B's expert stacks as PEFT `target_parameters` (peft's ParamWrapper, one adapter per expert): our
+    export loads into peft, peft's own adapter file loads into ours, and the adapted logits and the loss's
+    gradients w.r.t. every factor (experts and attention/MLP alike) agree with transformers + peft in float64."""
+    import peft
+    import torch
+    from hf_reference import full_float64, hf_model
+
+    from gemma4_jax import hf_format
+
+    cfg = config.get_config("tiny_moe")
+    hf = hf_model(cfg, seed=0)
+    hf.save_pretrained(tmp_path / "base")
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16))
+    with jax.enable_x64(True):
+        _, params = hf_format.load_hf_checkpoint(str(tmp_path / "base"), dtype=jnp.float64)
+
+    def ours(adapters, lora_cfg):
+        def loss(ad):
+            logits, _ = model.apply(lora.attach(params, ad, cfg, lora_cfg), tokens, config=cfg)
+            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+            return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], axis=-1)), logits
+
+        with jax.enable_x64(True):
+            adapters = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), adapters)
+            grads, logits = jax.jit(jax.grad(loss, has_aux=True))(adapters)
+        return np.asarray(logits), lora.to_peft(cfg, jax.tree.map(np.asarray, grads), dtype=np.float64)
+
+    def theirs(peft_model):
+        peft_model = peft_model.double()
+        with full_float64():
+            logits = peft_model(torch.tensor(tokens)).logits
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            loss = -torch.gather(logp, -1, torch.tensor(tokens)[:, 1:, None]).mean()
+            loss.backward()
+        grads = {n.replace(".default", ""): p.grad.numpy() for n, p in peft_model.named_parameters() if "lora_" in n}
+        return logits.detach().numpy(), grads
+
+    def agree(a, b):
+        (logits_a, grads_a), (logits_b, grads_b) = a, b
+        np.testing.assert_allclose(logits_a, logits_b, atol=1e-9, rtol=0)
+        assert sorted(grads_a) == sorted(grads_b)
+        scale = max(np.max(np.abs(g)) for g in grads_b.values())
+        assert scale > 1e-3
+        for name in grads_b:
+            np.testing.assert_allclose(grads_a[name], grads_b[name], atol=1e-9 * scale, rtol=0, err_msg=name)
+
+    # our adapters (every expert stack, one layer's gate_up only, q_proj) -> PEFT files -> transformers + peft
+    lora_cfg = lora.LoraConfig(
+        rank=3, alpha=6, targets=("q_proj", "experts.down_proj", "layers.1.experts.gate_up_proj")
+    )
+    adapters = _random_adapters(cfg, lora_cfg, dtype=jnp.float64)
+    lora.save_peft(str(tmp_path / "ours"), cfg, adapters, lora_cfg)
+    written = json.loads((tmp_path / "ours" / lora.PEFT_CONFIG).read_text())
+    assert written["target_parameters"] == ["layers.0.experts.down_proj", "layers.1.experts.gate_up_proj",
+                                            "layers.1.experts.down_proj", "layers.2.experts.down_proj",
+                                            "layers.3.experts.down_proj", "layers.4.experts.down_proj",
+                                            "layers.5.experts.down_proj"]  # fmt: skip
+    peft_model = peft.PeftModel.from_pretrained(hf_model(cfg, seed=0), str(tmp_path / "ours"), is_trainable=True)
+    result = ours(adapters, lora_cfg)
+    agree(result, theirs(peft_model))
+    base, _ = forward(params, tokens, config=cfg)
+    assert np.max(np.abs(result[0] - np.asarray(base))) > 0.1  # the adapters matter
+
+    # peft's own adapter (both stacks everywhere; random B) -> our load_peft
+    torch.manual_seed(1)
+    config_peft = peft.LoraConfig(r=2, lora_alpha=5, target_parameters=list(lora.EXPERT_PARAMETERS))
+    peft_model = peft.get_peft_model(hf_model(cfg, seed=0), config_peft)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape) * 0.1)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    loaded, loaded_cfg = lora.load_peft(str(tmp_path / "theirs"), cfg)
+    assert loaded_cfg.rank == 2 and sorted(loaded_cfg.targets) == sorted(lora.EXPERT_PARAMETERS)
+    agree(ours(loaded, loaded_cfg), theirs(peft_model))
 
 
 def test_chat_loss_mask_covers_only_answers(tokenizer):

@@ -47,7 +47,8 @@ def derived(cfg, numeric: bool) -> dict:
             d["to_hf"] = [_digest(h) for h in hf]
             np.testing.assert_array_equal(leaf.from_hf(*hf), x)  # and back
         out["leaves"][leaf.name] = d
-        if leaf.lora and not leaf.unused:
+        # The MoE expert stacks became LoRA targets after the snapshot (test_expert_stacks_are_lora_targets).
+        if leaf.lora and not leaf.unused and "e" not in leaf.roles:
             out["lora"].append([leaf.name, "".join(leaf.roles), list(leaf.lora_modules), int(leaf.path[0][6:])])
         if not leaf.unused:
             out["gguf"].update(zip(leaf.hf, leaf.gguf, strict=True))
@@ -105,6 +106,17 @@ def test_official_variants_equal_the_snapshot(snapshot, name):
     }  # LiteRT views: tiny configs only
     digest = hashlib.sha256(json.dumps(got, sort_keys=True).encode()).hexdigest()
     assert digest == snapshot[name]["sha256"]
+
+
+def test_expert_stacks_are_lora_targets():
+    """Beyond the snapshot: the two expert stacks of each MoE layer, one adapter per expert (role "e")."""
+    cfg = config.get_config("26b_a4b")
+    stacks = [leaf for leaf in param_spec.param_spec(cfg) if leaf.lora and "e" in leaf.roles]
+    assert len(stacks) == 2 * cfg.num_layers
+    assert {(leaf.path[1:], "".join(leaf.roles), leaf.lora_modules[0].split(".", 2)[2]) for leaf in stacks} == {
+        (("mlp", "gating_einsum", "w"), "eooi", "experts.gate_up_proj"),
+        (("mlp", "linear", "w"), "eio", "experts.down_proj"),
+    }
 
 
 def test_a_new_leaf_is_one_entry():

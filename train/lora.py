@@ -8,10 +8,13 @@ Every adapted weight has an official layout (spec §5.1) whose axes each play on
   "g"  a group axis: separate adapters per index (K and V in `kv_einsum` [2, K, D, H], gate and up in
        `gating_einsum` [2, F, D]), as Hugging Face has separate modules for them,
   "i"  an input axis (contracted with the activations),
-  "o"  an output axis.
-A has shape [g..., i..., r] and B [g..., r, o...] (each in the order of the weight's axes); the Hugging Face
+  "o"  an output axis,
+  "e"  the MoE expert axis: a separate adapter per expert, applied through the same ragged dispatch as the
+       experts themselves (`LoraWeight.ragged_einsum`).
+A has shape [g/e..., i..., r] and B [g/e..., r, o...] (each in the order of the weight's axes); the Hugging Face
 LoRA factors of module `m` (`lora_A` [r, in], `lora_B` [out, r]) are A.reshape(-1, r).T and B.reshape(r, -1).T
-of that module's group, because the official layouts flatten in the same order as HF's Linear weights.
+of that module's group, because the official layouts flatten in the same order as HF's Linear weights. The
+expert stacks are PEFT `target_parameters` (see `_peft_expert_factors` for their layout).
 
 Adapters live in their own tree, shaped like the parameter tree down to each adapted leaf, which holds
 {"a": A, "b": B}: only this tree is differentiated and has optimizer state.
@@ -39,6 +42,9 @@ from gemma4_jax.model import tree_get, tree_set
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 PLE_MODULES = ("per_layer_input_gate", "per_layer_projection")
+# The 26B-A4B expert stacks: PEFT adapts them as parameters (`target_parameters`), not modules, so a bare
+# module name (`down_proj`) never selects them; these names (or a full pattern such as `layers.1.experts.*`) do.
+EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
 DEFAULT_TARGETS = ATTENTION_MODULES + MLP_MODULES
 
 
@@ -48,7 +54,8 @@ class LoraConfig:
     input, and target patterns.
 
     A pattern is either a module name (`q_proj`, `gate_proj`, `per_layer_projection`, ...) that matches it in
-    every layer, or an fnmatch pattern over full module names such as `layers.1[0-9].self_attn.*`.
+    every layer, a dotted name that ends module names (`self_attn.q_proj`, `experts.down_proj`), or an fnmatch
+    pattern over full module names such as `layers.1[0-9].self_attn.*`.
     """
 
     rank: int = 16
@@ -77,7 +84,7 @@ class LoraConfig:
 
 
 def _factor_shapes(shape: tuple[int, ...], roles: tuple[str, ...], rank: int):
-    g = [n for n, r in zip(shape, roles, strict=True) if r == "g"]
+    g = [n for n, r in zip(shape, roles, strict=True) if r in "ge"]
     i = [n for n, r in zip(shape, roles, strict=True) if r == "i"]
     o = [n for n, r in zip(shape, roles, strict=True) if r == "o"]
     return (*g, *i, rank), (*g, rank, *o)
@@ -105,9 +112,10 @@ class LoraWeight:
         return self.base.dtype
 
     def _letters(self, weight_spec: str) -> tuple[str, str, str]:
+        """The weight's letters by role: (group and expert, input, output)."""
         by_role = {"g": "", "i": "", "o": ""}
         for letter, role in zip(weight_spec, self.roles, strict=True):
-            by_role[role] += letter
+            by_role["g" if role == "e" else role] += letter
         return by_role["g"], by_role["i"], by_role["o"]
 
     def einsum(self, eqn: str, x: jax.Array) -> jax.Array:
@@ -124,6 +132,19 @@ class LoraWeight:
         # gradients through the cast).
         t = jnp.einsum(f"{x_spec},{g}{i}{r}->{x_rest}{g}{r}", x, self.a.astype(x.dtype))
         update = jnp.einsum(f"{x_rest}{g}{r},{g}{r}{o}->{out_spec}", t, self.b.astype(x.dtype))
+        return y + (update * jnp.asarray(self.scale, update.dtype)).astype(y.dtype)
+
+    def ragged_einsum(self, eqn: str, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """The expert stacks' contraction (`model.ragged_einsum`, rows sorted by expert): each row goes through
+        its expert's base weight and its expert's adapter, x A_e then B_e, so no [E, ...]-sized update is formed."""
+        y = model.ragged_einsum(eqn, x, self.base, group_sizes)
+        inputs, out_spec = eqn.replace(" ", "").split("->")
+        x_spec, w_spec = inputs.split(",")
+        e, i, o = self._letters(w_spec)
+        r = next(c for c in string.ascii_letters if c not in eqn)
+        rows = x_spec[0]
+        t = model.ragged_einsum(f"{x_spec},{e}{i}{r}->{rows}{r}", x, self.a.astype(x.dtype), group_sizes)
+        update = model.ragged_einsum(f"{rows}{r},{e}{r}{o}->{out_spec}", t, self.b.astype(x.dtype), group_sizes)
         return y + (update * jnp.asarray(self.scale, update.dtype)).astype(y.dtype)
 
     def delta(self, dtype=jnp.float32) -> jax.Array:
@@ -203,11 +224,17 @@ class Target:
     modules: tuple[str, ...]  # HF module name per group index (one name if the leaf has no group axis)
     layer: int
 
+    @property
+    def experts(self) -> bool:
+        """An MoE expert stack: one HF parameter [E, out, in] (a PEFT `target_parameters` entry), an adapter per
+        expert."""
+        return "e" in self.roles
+
 
 def candidate_targets(config: Gemma4Config) -> list[Target]:
-    """Every leaf LoRA can adapt (`lora=True` in the parameter spec, spec §6.1): attention and dense-MLP matrices and
-    the per-layer PLE gate/projection. KV-shared readers' K/V projections are never used, so they are not
-    candidates; embeddings, norms, scalars, the MoE router and experts stay frozen."""
+    """Every leaf LoRA can adapt (`lora=True` in the parameter spec, spec §6.1): attention, dense-MLP and MoE expert
+    matrices and the per-layer PLE gate/projection. KV-shared readers' K/V projections are never used, so they are
+    not candidates; embeddings, norms, scalars and the MoE router stay frozen."""
     return [
         Target(leaf.path, leaf.roles, leaf.lora_modules, int(leaf.path[0].removeprefix("layer_")))
         for leaf in param_spec.param_spec(config)
@@ -215,10 +242,13 @@ def candidate_targets(config: Gemma4Config) -> list[Target]:
     ]
 
 
-def _matches(pattern: str, module: str) -> bool:
-    if "." not in pattern and not any(c in pattern for c in "*?["):
-        return module.rsplit(".", 1)[-1] == pattern
-    return fnmatch.fnmatchcase(module, pattern.removeprefix("model."))
+def _matches(pattern: str, target: Target, module: str) -> bool:
+    pattern = pattern.removeprefix("model.")
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(module, pattern)
+    if "." not in pattern:  # a module name, as PEFT's target_modules: never an expert parameter
+        return not target.experts and module.rsplit(".", 1)[-1] == pattern
+    return module == pattern or module.endswith("." + pattern)
 
 
 def select_targets(config: Gemma4Config, lora: LoraConfig) -> list[Target]:
@@ -227,7 +257,7 @@ def select_targets(config: Gemma4Config, lora: LoraConfig) -> list[Target]:
     for target in candidate_targets(config):
         hits = []
         for module in target.modules:
-            matching = [p for p in lora.targets if _matches(p, module)]
+            matching = [p for p in lora.targets if _matches(p, target, module)]
             used.update(matching)
             hits.append(bool(matching))
         if all(hits):
@@ -238,13 +268,20 @@ def select_targets(config: Gemma4Config, lora: LoraConfig) -> list[Target]:
                 f"LoRA targets: {names} of layer {target.layer} share one weight ({'/'.join(target.path)}); "
                 "target both or neither"
             )
-    known = {m.rsplit(".", 1)[-1] for t in candidate_targets(config) for m in t.modules}
+    known = {_short_name(t, m) for t in candidate_targets(config) for m in t.modules}
     unused = [p for p in lora.targets if p not in used]
     if unused:
         raise Gemma4Error(
             f"LoRA target(s) {', '.join(unused)} match no module of {config.name}; modules: {', '.join(sorted(known))}"
         )
+    if lora.dropout and any(t.experts for t in chosen):
+        raise Gemma4Error("LoRA dropout is not supported on the MoE experts (nor by PEFT); set dropout to 0")
     return chosen
+
+
+def _short_name(target: Target, module: str) -> str:
+    """`q_proj`, or `experts.down_proj` for an expert stack (the name that selects it in every layer)."""
+    return ".".join(module.split(".")[-2:]) if target.experts else module.rsplit(".", 1)[-1]
 
 
 # ----- adapter trees ------------------------------------------------------------------------------------------
@@ -326,7 +363,7 @@ def expected_count(config: Gemma4Config, lora: LoraConfig) -> int:
     total = 0
     for target in select_targets(config, lora):
         shape = _base_shape(config, target)
-        groups = math.prod(n for n, r in zip(shape, target.roles, strict=True) if r == "g")
+        groups = math.prod(n for n, r in zip(shape, target.roles, strict=True) if r in "ge")
         n_in = math.prod(n for n, r in zip(shape, target.roles, strict=True) if r == "i")
         n_out = math.prod(n for n, r in zip(shape, target.roles, strict=True) if r == "o")
         total += groups * lora.rank * (n_in + n_out)
@@ -337,7 +374,7 @@ def summary(config: Gemma4Config, adapters: dict) -> str:
     by_module: dict[str, int] = {}
     for target in targets_of(config, adapters):
         for module in target.modules:
-            name = module.rsplit(".", 1)[-1]
+            name = _short_name(target, module)
             by_module[name] = by_module.get(name, 0) + 1
     return ", ".join(f"{name} x{n}" for name, n in by_module.items())
 
@@ -348,21 +385,62 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 
 
-def to_peft(config: Gemma4Config, adapters: dict, prefix: str = "model.") -> dict[str, np.ndarray]:
-    """PEFT tensor names -> f32 arrays: `base_model.model.{prefix}layers.{i}.{module}.lora_A.weight` [r, in] and
+def to_peft(config: Gemma4Config, adapters: dict, prefix: str = "model.", dtype=np.float32) -> dict[str, np.ndarray]:
+    """PEFT tensor names -> arrays (f32 as PEFT files hold them): `base_model.model.{prefix}layers.{i}.{module}.lora_A.weight` [r, in] and
     `.lora_B.weight` [out, r]. `prefix` is where the checkpoint keeps the text model (`model.` for
     Gemma4ForCausalLM, `model.language_model.` for the multimodal checkpoints)."""
     out = {}
-    for target in targets_of(config, adapters):
-        a, b = (np.asarray(x, np.float32) for x in tree_get(adapters, target.path).values())
+    targets = targets_of(config, adapters)
+    stems = _peft_stems(targets)
+    for target in targets:
+        a, b = (np.asarray(x, dtype) for x in tree_get(adapters, target.path).values())
         rank = a.shape[-1]
         grouped = "g" in target.roles
-        for g, module in enumerate(target.modules):
-            a_g, b_g = (a[g], b[g]) if grouped else (a, b)
-            name = f"base_model.model.{prefix}{module}"
-            out[name + ".lora_A.weight"] = np.ascontiguousarray(a_g.reshape(-1, rank).T)
-            out[name + ".lora_B.weight"] = np.ascontiguousarray(b_g.reshape(rank, -1).T)
+        for g, stem in enumerate(stems[target.path]):
+            if target.experts:
+                a_hf, b_hf = _peft_expert_factors(a, b)
+            else:
+                a_g, b_g = (a[g], b[g]) if grouped else (a, b)
+                a_hf, b_hf = a_g.reshape(-1, rank).T, b_g.reshape(rank, -1).T
+            name = f"base_model.model.{prefix}{stem}"
+            out[name + ".lora_A.weight"] = np.ascontiguousarray(a_hf)
+            out[name + ".lora_B.weight"] = np.ascontiguousarray(b_hf)
     return out
+
+
+def _peft_stems(targets: list[Target]) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Each target's PEFT tensor-name stem(s): its module names, except for the expert stacks. PEFT wraps each
+    adapted parameter of `layers.i.experts` around the module (`lora.ParamWrapper`), gate_up_proj first, so the
+    last one adapted is `layers.i.experts` and each earlier one one `.base_layer` deeper."""
+    out = {t.path: t.modules for t in targets if not t.experts}
+    by_layer: dict[int, list[Target]] = {}
+    for t in targets:
+        if t.experts:
+            by_layer.setdefault(t.layer, []).append(t)
+    for stacks in by_layer.values():
+        stacks.sort(key=lambda t: EXPERT_PARAMETERS.index(_short_name(t, t.modules[0])))
+        for k, t in enumerate(stacks):
+            module = t.modules[0].rsplit(".", 1)[0]  # layers.i.experts
+            out[t.path] = (module + ".base_layer" * (len(stacks) - 1 - k),)
+    return out
+
+
+def _peft_expert_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-expert factors A [E, in, r], B [E, r, out] as PEFT stores a 3-D parameter's adapter: `lora_A` [E·r, in]
+    (expert-major rows) and `lora_B` [out, r·E] (rank-major columns: column k·E + e), its update for expert e
+    being lora_B[:, k·E + e] @ lora_A[e·r + k] summed over k (peft's ParamWrapper.get_delta_weight)."""
+    experts, rank = a.shape[0], a.shape[-1]
+    a_hf = a.reshape(experts, -1, rank).transpose(0, 2, 1).reshape(experts * rank, -1)
+    b_hf = b.reshape(experts, rank, -1).transpose(2, 1, 0).reshape(-1, rank * experts)
+    return a_hf, b_hf
+
+
+def _from_peft_expert_factors(a_hf: np.ndarray, b_hf: np.ndarray, experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `_peft_expert_factors`: A [E, in, r], B [E, r, out]."""
+    rank = a_hf.shape[0] // experts
+    a = a_hf.reshape(experts, rank, -1).transpose(0, 2, 1)
+    b = b_hf.reshape(-1, rank, experts).transpose(2, 1, 0)
+    return a, b
 
 
 def from_peft(config: Gemma4Config, tensors: dict[str, np.ndarray], lora: LoraConfig, source: str) -> dict:
@@ -375,29 +453,38 @@ def from_peft(config: Gemma4Config, tensors: dict[str, np.ndarray], lora: LoraCo
         by_module[stem] = value
     tree: dict = {}
     used = set()
-    for target in select_targets(config, lora):
+    targets = select_targets(config, lora)
+    stems = _peft_stems(targets)
+    for target in targets:
         base_shape = _base_shape(config, target)
         a_shape, b_shape = _factor_shapes(base_shape, target.roles, lora.rank)
         grouped = "g" in target.roles
+        experts = base_shape[0] if target.experts else 1
         a_parts, b_parts = [], []
-        for module in target.modules:
-            names = (module + ".lora_A.weight", module + ".lora_B.weight")
+        for module, stem in zip(target.modules, stems[target.path], strict=True):
+            names = (stem + ".lora_A.weight", stem + ".lora_B.weight")
             if any(n not in by_module for n in names):
                 raise Gemma4Error(f"{source}: no adapter for {module} (adapter_config.json targets it)")
             used.update(names)
             a_hf, b_hf = (np.asarray(by_module[n], np.float32) for n in names)
-            a_part_shape = a_shape[1:] if grouped else a_shape  # [i..., r]
-            b_part_shape = b_shape[1:] if grouped else b_shape  # [r, o...]
-            want = ((lora.rank, math.prod(a_part_shape[:-1])), (math.prod(b_part_shape[1:]), lora.rank))
+            a_part_shape = a_shape[1:] if grouped or target.experts else a_shape  # [i..., r]
+            b_part_shape = b_shape[1:] if grouped or target.experts else b_shape  # [r, o...]
+            want = (
+                (lora.rank * experts, math.prod(a_part_shape[:-1])),
+                (math.prod(b_part_shape[1:]), lora.rank * experts),
+            )
             if (a_hf.shape, b_hf.shape) != want:
                 raise Gemma4Error(
                     f"{source}: {module} adapter has shapes {a_hf.shape}, {b_hf.shape}; rank {lora.rank} on "
                     f"{config.name} needs {want[0]}, {want[1]} (an adapter for another model or rank?)"
                 )
-            a_part = a_hf.T.reshape(a_part_shape)
-            b_part = b_hf.T.reshape(b_part_shape)
-            a_parts.append(a_part)
-            b_parts.append(b_part)
+            if target.experts:
+                a, b = _from_peft_expert_factors(a_hf, b_hf, experts)
+                a_parts.append(a.reshape(a_shape))
+                b_parts.append(b.reshape(b_shape))
+                continue
+            a_parts.append(a_hf.T.reshape(a_part_shape))
+            b_parts.append(b_hf.T.reshape(b_part_shape))
         a = np.stack(a_parts) if grouped else a_parts[0]
         b = np.stack(b_parts) if grouped else b_parts[0]
         tree_set(tree, target.path, {"a": jnp.asarray(a), "b": jnp.asarray(b)})
@@ -408,15 +495,29 @@ def from_peft(config: Gemma4Config, tensors: dict[str, np.ndarray], lora: LoraCo
 
 
 def peft_config(config: Gemma4Config, adapters: dict, lora: LoraConfig, base_model: str | None) -> dict:
-    modules = [m for t in targets_of(config, adapters) for m in t.modules]
+    adapted = targets_of(config, adapters)
+    modules = [m for t in adapted if not t.experts for m in t.modules]
     short = sorted({m.rsplit(".", 1)[-1] for m in modules})
     # Module names alone if they select exactly the adapted modules in HF's model, else an exact regex
     # (HF KV-shared readers have no k_proj/v_proj, so names alone already skip them).
-    everywhere = [m for t in candidate_targets(config) for m in t.modules if m.rsplit(".", 1)[-1] in short]
-    if sorted(everywhere) == sorted(modules):
-        target_modules: list[str] | str = short
+    everywhere = [
+        m for t in candidate_targets(config) if not t.experts for m in t.modules if m.rsplit(".", 1)[-1] in short
+    ]
+    target_modules: list[str] | str | None
+    if not modules:
+        target_modules = None  # expert stacks only
+    elif sorted(everywhere) == sorted(modules):
+        target_modules = short
     else:
         target_modules = r".*\.(" + "|".join(m.replace(".", r"\.") for m in modules) + ")"
+    # Expert stacks: PEFT's `target_parameters` (names that end parameter names: `experts.down_proj` everywhere,
+    # `layers.3.experts.down_proj` for one layer).
+    stacks = [t.modules[0] for t in adapted if t.experts]
+    names = sorted({_short_name(t, t.modules[0]) for t in adapted if t.experts})
+    all_stacks = [
+        t.modules[0] for t in candidate_targets(config) if t.experts and _short_name(t, t.modules[0]) in names
+    ]
+    target_parameters = names if sorted(all_stacks) == sorted(stacks) else stacks
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -425,6 +526,7 @@ def peft_config(config: Gemma4Config, adapters: dict, lora: LoraConfig, base_mod
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         "target_modules": target_modules,
+        **({"target_parameters": target_parameters} if target_parameters else {}),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -452,6 +554,13 @@ def save_peft(directory: str, config: Gemma4Config, adapters: dict, lora: LoraCo
     files.write_json(os.path.join(directory, PEFT_CONFIG), peft_config(config, adapters, lora, base_model))
 
 
+def _strip_model_prefix(name: str) -> str:
+    for prefix in ("model.language_model.", "model."):
+        if name.startswith(prefix):
+            return name.removeprefix(prefix)
+    return name
+
+
 def load_peft(directory: str, config: Gemma4Config) -> tuple[dict, LoraConfig]:
     import os
 
@@ -477,18 +586,23 @@ def load_peft(directory: str, config: Gemma4Config) -> tuple[dict, LoraConfig]:
             raise Gemma4Error(f"{config_path}: peft_type {d['peft_type']!r} is not LORA")
         if d.get("use_dora") or d.get("use_rslora") or d.get("bias", "none") != "none":
             raise Gemma4Error(f"{config_path}: DoRA, rsLoRA and LoRA biases are not supported")
-        targets = d.get("gemma4_jax_targets") or d["target_modules"]
-        if isinstance(targets, str):
-            # a regex: adopt exactly the modules that are in the file
+        targets = d.get("gemma4_jax_targets") or d.get("target_modules")
+        parameters = [_strip_model_prefix(p) for p in d.get("target_parameters") or []]
+        if targets is None and not parameters:
+            raise KeyError("target_modules")
+        if isinstance(targets, str) or (targets is None and not d.get("gemma4_jax_targets")):
+            # a regex (or expert stacks only): adopt exactly the modules that are in the file
             targets = None
+        elif not d.get("gemma4_jax_targets"):
+            targets = [*targets, *parameters]
         lora_args = dict(rank=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0)))
     except (KeyError, ValueError, TypeError) as e:
         raise Gemma4Error(f"{config_path}: not a LoRA adapter config ({e})") from None
     st = files.SafetensorsDir(weights_path)
     tensors = {name: st.read(name) for name in st.names()}
     if targets is None:
-        # exact module names (fnmatch patterns with dots match whole module names)
-        stems = {n.rsplit(".lora_", 1)[0].removeprefix("base_model.model.") for n in tensors}
-        targets = sorted({s.removeprefix("model.language_model.").removeprefix("model.") for s in stems})
+        # exact module names (dotted names match whole module names), and the expert parameters as listed
+        stems = {_strip_model_prefix(n.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")) for n in tensors}
+        targets = sorted(s for s in stems if ".experts" not in s) + parameters
     lora = LoraConfig(targets=tuple(targets), **lora_args)
     return from_peft(config, tensors, lora, directory), lora
