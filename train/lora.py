@@ -386,9 +386,10 @@ PEFT_CONFIG = "adapter_config.json"
 
 
 def to_peft(config: Gemma4Config, adapters: dict, prefix: str = "model.", dtype=np.float32) -> dict[str, np.ndarray]:
-    """PEFT tensor names -> arrays (f32 as PEFT files hold them): `base_model.model.{prefix}layers.{i}.{module}.lora_A.weight` [r, in] and
-    `.lora_B.weight` [out, r]. `prefix` is where the checkpoint keeps the text model (`model.` for
-    Gemma4ForCausalLM, `model.language_model.` for the multimodal checkpoints)."""
+    """PEFT tensor names -> arrays (f32, as PEFT files hold them):
+    `base_model.model.{prefix}layers.{i}.{module}.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]. `prefix` is
+    where the checkpoint keeps the text model (`model.` for Gemma4ForCausalLM, `model.language_model.` for the
+    multimodal checkpoints)."""
     out = {}
     targets = targets_of(config, adapters)
     stems = _peft_stems(targets)
