@@ -356,6 +356,7 @@ def gguf_intended_params(source, quant: str, tokenizer_dir: str, dtype):
 
     from gemma4_jax import hf_format, param_spec
     from gemma4_jax.export import gguf as gguf_export
+    from gemma4_jax.hf_format import np_dtype
 
     vocab = gguf_export.read_vocab(tokenizer_dir)
     plans = {p.name: p for p in gguf_export.plan_tensors(source, quant, len(vocab.tokens))}
@@ -372,12 +373,17 @@ def gguf_intended_params(source, quant: str, tokenizer_dir: str, dtype):
             return None
         leaf, index, name = hit
         plan = plans[name]
-        rows = np.asarray(plan.read_rows(0, plan.shape[0]), np.float32)
-        stored = gguf_export._encoder(plan.qtype)(rows)
-        value = np.asarray(gguf.quants.dequantize(stored, plan.qtype), np.float32).reshape(plan.shape)
+        value = np.empty(plan.shape, np_dtype(dtype))
+        per_row = math.prod(plan.shape[1:])
+        step = max(1, (64 << 20) // (4 * max(per_row, 1)))  # ~64 MiB of float32 rows at a time (the PLE table: 9 GB)
+        for start in range(0, plan.shape[0], step):
+            rows = np.asarray(plan.read_rows(start, min(start + step, plan.shape[0])), np.float32)
+            stored = gguf_export._encoder(plan.qtype)(rows)
+            decoded = np.asarray(gguf.quants.dequantize(stored, plan.qtype), np.float32)
+            value[start : start + step] = decoded.reshape(rows.shape)
         full_rows = leaf.hf_shapes[index][0] if leaf.hf_shapes[index] else 0
         if value.shape[:1] != (full_rows,) and leaf.hf_shapes[index]:  # a trimmed vocabulary
-            rest = np.asarray(source.hf_rows(leaf, index, value.shape[0], full_rows), np.float32)
+            rest = np.asarray(source.hf_rows(leaf, index, value.shape[0], full_rows), value.dtype)
             value = np.concatenate([value, rest])
         return value
 
@@ -848,7 +854,7 @@ def ship(
             except Exception as e:  # the runtime could not load or run the artifact: that row fails
                 if isinstance(e, (KeyboardInterrupt, MemoryError)):
                     raise
-                result = {"error": f"{RUNTIMES[target.format]} could not run it: {type(e).__name__}: {e}"}
+                result = {"error": f"the verification could not run: {type(e).__name__}: {e}"}
             manifest.finish(stage, [], {"artifact": digest, "verdict": _jsonable(result)})
             status = "FAILED: " + result["error"] if result.get("error") else "verified"
             log(f"{tag}: {status} ({time.perf_counter() - t0:.1f} s)")
