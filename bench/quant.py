@@ -213,6 +213,8 @@ def worker_llama(args) -> None:
     limit_cpus(args.threads)
     import llama_cpp
 
+    from gemma4_jax.export.runtimes import llama_decode  # warms up (2 tokens), then the timed greedy run
+
     path = os.path.join(args.workdir, f"model-{args.quant}.gguf")
     log(f"llama.cpp {args.quant}: loading {path}")
     llm = llama_cpp.Llama(
@@ -225,34 +227,10 @@ def worker_llama(args) -> None:
         verbose=False,
     )
     prompt = make_prompt(llm.n_vocab(), args.prompt_len)
-
-    def generate(n):
-        """Greedy through llama.cpp's own `eval` (one llama_decode per call), argmax over its logits in numpy:
-        what a llama.cpp decode costs. (`Llama.generate` runs llama-cpp-python's Python sampling chain over the
-        262 144 logits per token as well: 20-45x slower than llama.cpp's decode on this model.)"""
-        import numpy as np
-
-        vocab = llm.n_vocab()
-
-        def greedy() -> int:  # the last position's logits, read from llama.cpp's buffer (eval keeps no copy)
-            return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), (vocab,))))
-
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        tokens = [greedy()]
-        stamps = [start, time.perf_counter()]
-        while len(tokens) < n:
-            llm.eval([tokens[-1]])
-            tokens.append(greedy())
-            stamps.append(time.perf_counter())
-        return stamps, tokens
-
-    generate(2)  # warm-up: pages the weights in, sets up the graphs
     log(f"llama.cpp {args.quant}: timed run")
     other = OtherLoad()
     with other.measure():
-        stamps, tokens = generate(args.new_tokens)
+        tokens, stamps = llama_decode(path, prompt, args.new_tokens, llm=llm)
     emit(
         {
             # The first token's wait is the prompt's prefill (+ its argmax); every later token is one decode.

@@ -48,18 +48,61 @@ def llama_logits(llm, tokens: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)], np.float32)
 
 
-def llama_greedy(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
-    """Greedy continuation through llama.cpp's `eval` (one llama_decode per token, argmax over its logits) and the
-    decode rate in tokens/s (the `new_tokens - 1` single-token steps after the prefill)."""
+def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation through llama.cpp's `eval` (one llama_decode per token, argmax over its logits) in the
+    context `llm` (timing: `llama_decode`)."""
     llm.reset()
     llm.eval(prompt)
     tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
-    start = time.perf_counter()
     for _ in range(new_tokens - 1):
         llm.eval([tokens[-1]])
         tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-    seconds = time.perf_counter() - start
-    return tokens, (new_tokens - 1) / seconds if new_tokens > 1 and seconds > 0 else float("nan")
+    return tokens
+
+
+def llama_decode(path: str, prompt: list[int], new_tokens: int, threads: int = 2, llm=None):
+    """What a llama.cpp decode costs, as a user's context runs it (default caches, logits of the last position
+    only): greedy through `eval` (one llama_decode per call), argmax over llama.cpp's own logits buffer in numpy.
+    A 2-token warm-up first (pages the weights in, builds the graphs). Returns (tokens, stamps): stamps[0] is
+    the start, stamps[1] the end of the prompt's prefill (its first token), each later stamp one decode step.
+    (`Llama.generate` runs llama-cpp-python's Python sampling chain over the 262 144 logits as well, and a
+    `logits_all` context copies them every step: 20-45x slower than llama.cpp's decode on E2B.)"""
+    import llama_cpp
+
+    own = llm is None
+    if own:
+        llm = llama_cpp.Llama(
+            model_path=path, n_ctx=len(prompt) + new_tokens + 16, n_batch=max(len(prompt), 8),
+            n_ubatch=max(len(prompt), 8), n_threads=threads, n_threads_batch=threads, verbose=False,
+        )  # fmt: skip
+    vocab = llm.n_vocab()
+
+    def last_argmax() -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), (vocab,))))
+
+    def run(n: int):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        tokens, stamps = [last_argmax()], [start, time.perf_counter()]
+        while len(tokens) < n:
+            llm.eval([tokens[-1]])
+            tokens.append(last_argmax())
+            stamps.append(time.perf_counter())
+        return tokens, stamps
+
+    try:
+        run(2)
+        return run(new_tokens)
+    finally:
+        if own:
+            llm.close()
+
+
+def decode_rate(stamps: list[float]) -> float:
+    """Tokens/s of the single-token steps after the prefill (`llama_decode`'s stamps)."""
+    steps = len(stamps) - 2
+    return steps / (stamps[-1] - stamps[1]) if steps > 0 and stamps[-1] > stamps[1] else float("nan")
 
 
 def engine_greedy(bundle: str, text: str, new_tokens: int, cache_len: int, cache_dir: str, detokenize=()) -> dict:

@@ -417,10 +417,13 @@ def verify_gguf(path: str, source, target: Target, prompt: list[int], n: int, re
         forced = runtimes.llama_logits(llm, prompt + jax_greedy[:-1])[len(prompt) - 1 :]
         verdict = judge(jax_logits, forced, jax_greedy, [int(x) for x in forced.argmax(-1)], TOLERANCE[
             (target.format, target.quant)])  # fmt: skip
-        own, rate = runtimes.llama_greedy(llm, prompt, n)
+        own = runtimes.llama_greedy(llm, prompt, n)
         measured = quality(reference, lambda w: runtimes.llama_logits(llm, w))
     finally:
         llm.close()
+    # The decode rate in a context as a user runs it (this one keeps every position's logits, f32 caches).
+    _, stamps = runtimes.llama_decode(path, prompt, max(n, 8))
+    rate = runtimes.decode_rate(stamps)
     return verdict | measured | {"jax_greedy": jax_greedy, "runtime_greedy": own, "tokens_per_s": rate}
 
 
