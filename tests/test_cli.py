@@ -111,6 +111,9 @@ def test_info_reports_spec_counts(capsys):
         (["generate", "--prompt-ids", "2,3", "--max-new-tokens", "511"], "exceeds the 512-token context"),
         (["logits", "--tokens", "2,9999", "--out", "/tmp/x.npy"], "token id 9999"),
         (["generate", "--top-p", "0"], "top-p must be in"),
+        (["generate", "--mesh", "fsdp=2"], "fsdp=2 is 2 devices, but there are 1"),
+        (["generate", "--mesh", "fsdp=x"], "'fsdp=x' is not axis=size"),
+        (["memory", "--variant", "e2b", "--mesh", "expert=2"], "e2b has no experts axis"),
     ],
 )
 def test_bad_input_is_one_clear_line(capsys, argv, message):

@@ -224,3 +224,19 @@ def test_memory_per_device_is_the_plan_divided_by_the_rules(variant):
             assert plan.weight_bytes / 8 <= share.weights <= plan.weight_bytes / 8 * 1.0001
         kv = next(p.bytes for p in plan.parts if p.params is None)
         assert share.kv_cache <= kv and share.kv_cache * 8 >= kv
+
+
+def test_memory_mesh_command(capsys):
+    """`gemma4-jax memory --mesh ... --json`: the per-device numbers are `sharding.device_share`'s (the rules), and
+    the text output names the slices it fits."""
+    from gemma4_jax import cli
+
+    assert cli.main(["memory", "--variant", "26b_a4b", "--text-only", "--context", "8192", "--mesh", "expert=8",
+                     "--lora-rank", "16", "--json"]) == 0  # fmt: skip
+    got = json.loads(capsys.readouterr().out)["per_device"]
+    share = sharding.device_share(get_config("26b_a4b").text_only(), {"expert": 8}, 2, context=8192, lora_rank=16)
+    assert (got["weights"], got["kv_cache"], got["optimizer"]) == (share.weights, share.kv_cache, share.optimizer)
+    assert got["total"] == share.weights + share.kv_cache + share.optimizer
+    assert cli.main(["memory", "--variant", "31b", "--text-only", "--mesh", "fsdp=2,tensor=4"]) == 0
+    out = capsys.readouterr().out
+    assert "on mesh fsdp=2,tensor=4 (8 devices), per device:" in out and "TPU v5e-8" in out
