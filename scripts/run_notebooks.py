@@ -1,0 +1,85 @@
+"""Executes every notebook in notebooks/ headless (nbclient), as they are committed: their parameter cells run a
+tiny random model offline. Outputs go to a temporary copy, never into the repository. One line per notebook; the
+first failing cell's error and a non-zero exit status on any failure.
+
+    python scripts/run_notebooks.py [notebooks/01_quickstart.ipynb ...] [--timeout 600] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def kernel_name() -> str:
+    """A kernelspec for this interpreter (installed into its environment once), so the notebooks import the same
+    packages as the caller."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    name = "gemma4-jax-" + os.path.basename(sys.prefix.rstrip("/")).lower()
+    specs = KernelSpecManager().find_kernel_specs()
+    if name not in specs:
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=name, display_name=f"Python ({sys.prefix})", prefix=sys.prefix)
+    return name
+
+
+def run(path: str, kernel: str, timeout: int, keep: str | None = None) -> tuple[bool, float, str]:
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    notebook = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="nb-") as scratch:
+        # The notebook's own directory is its working directory (it finds the repository from there); the copy
+        # with outputs is written to scratch and dropped.
+        client = NotebookClient(
+            notebook, timeout=timeout, kernel_name=kernel, resources={"metadata": {"path": os.path.dirname(path)}}
+        )
+        try:
+            client.execute()
+        except CellExecutionError as e:
+            return False, time.perf_counter() - start, str(e)
+        finally:
+            nbformat.write(notebook, os.path.join(keep or scratch, os.path.basename(path)))
+    return True, time.perf_counter() - start, ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebooks", nargs="*", help="default: notebooks/*.ipynb")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    parser.add_argument("--keep", metavar="DIR", help="write the executed notebooks (with outputs) into DIR")
+    args = parser.parse_args(argv)
+    paths = [os.path.abspath(p) for p in args.notebooks] or sorted(
+        glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb"))
+    )
+    if not paths:
+        print("run_notebooks: no notebooks found", file=sys.stderr)
+        return 1
+    kernel = kernel_name()
+    failed = []
+    started = time.perf_counter()
+    for path in paths:
+        ok, seconds, error = run(path, kernel, args.timeout, args.keep)
+        name = os.path.relpath(path, ROOT)
+        if ok:
+            print(f"executed {name} in {seconds:.0f} s", flush=True)
+        else:
+            failed.append(name)
+            print(f"FAILED {name} after {seconds:.0f} s:\n{error[-3000:]}", flush=True)
+    total = time.perf_counter() - started
+    print(f"notebooks: {len(paths) - len(failed)} of {len(paths)} executed without error in {total:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
