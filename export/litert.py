@@ -36,6 +36,7 @@ nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import time
 
+from gemma4_jax import files
 from gemma4_jax.errors import Gemma4Error
 
 # Max |logit difference| of the built-in check, float compute (float export, or the weight-only twin of a
@@ -561,11 +563,45 @@ def write_bundle(path, config, model_dir, tokenizer_dir, cache_len, sections, pa
         b.add_tflite_model(
             os.path.join(model_dir, file), getattr(builder.TfLiteModelType, kind), backend_constraint=backend
         )
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, _reproducible_stamps(builder, meta_path, model_dir, sections, tokenizer_dir):
         b.build(f)
     os.remove(meta_path)
     if bidirectional_masks(config, "vision" in parts):
         os.remove(executor_path)
+
+
+@contextlib.contextmanager
+def _reproducible_stamps(builder, meta_path, model_dir, sections, tokenizer_dir):
+    """Google's builder stamps every bundle with a fresh uuid4 and the current time, so two builds of the same
+    models differ. Here the uuid is derived from what the bundle holds (uuid5 of the sections' bytes), and the time
+    is $SOURCE_DATE_EPOCH when that is set (the reproducible-builds convention), else now: the same inputs then
+    give the same bytes (a resumed `ship` equals an uninterrupted one)."""
+    import datetime
+    import hashlib
+    import uuid
+
+    digest = hashlib.sha256()
+    for file in [meta_path, os.path.join(tokenizer_dir, "tokenizer.model")] + [
+        os.path.join(model_dir, f) for f in sorted(sections)
+    ]:
+        digest.update(files.sha256_file(file).encode())
+    original = builder.populate_system_metadata
+
+    def populate(system_metadata):
+        out = original(system_metadata)
+        epoch = os.environ.get("SOURCE_DATE_EPOCH")
+        for entry in out:
+            if entry.key == "uuid":
+                entry.value = str(uuid.uuid5(uuid.NAMESPACE_URL, "gemma4-jax:" + digest.hexdigest()))
+            elif entry.key == "creation_timestamp" and epoch:
+                entry.value = datetime.datetime.fromtimestamp(int(epoch), datetime.UTC).isoformat()
+        return out
+
+    builder.populate_system_metadata = populate
+    try:
+        yield
+    finally:
+        builder.populate_system_metadata = original
 
 
 def _peak_rss_mb() -> float:

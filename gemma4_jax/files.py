@@ -400,3 +400,14 @@ class Progress:
 def log(message: str) -> None:
     """A status line on stderr (stdout carries results)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def sha256_file(path: str) -> str:
+    """The hex sha256 of a file's bytes, read in 16 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with reading(path), open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()

@@ -164,14 +164,6 @@ class ShipReport:
 # ----- manifest and stages ---------------------------------------------------------------------------------------
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with files.reading(path), open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _output_files(out_dir: str, rel: str) -> list[str]:
     """The files of an output (a file, or every file under a directory), relative to `out_dir`, sorted."""
     path = os.path.join(out_dir, rel)
@@ -217,14 +209,14 @@ class Manifest:
             return None
         for rel, digest in record["outputs"].items():
             path = os.path.join(self.out_dir, rel)
-            if not os.path.isfile(path) or sha256_file(path) != digest:
+            if not os.path.isfile(path) or files.sha256_file(path) != digest:
                 files.log(f"ship: {rel} changed or vanished since stage {stage!r} wrote it: redoing the stage")
                 del self.data["stages"][stage]
                 return None
         return record
 
     def finish(self, stage: str, outputs: Sequence[str], result: dict | None = None) -> dict:
-        hashed = {rel: sha256_file(os.path.join(self.out_dir, rel)) for out in outputs for rel in _output_files(
+        hashed = {rel: files.sha256_file(os.path.join(self.out_dir, rel)) for out in outputs for rel in _output_files(
             self.out_dir, out)}  # fmt: skip
         record = {"run": self.run, "outputs": hashed, "result": result or {}}
         self.data["stages"][stage] = record
@@ -640,7 +632,7 @@ def _fingerprint(source, data: Sequence[str], options: dict) -> dict:
     return {
         "checkpoint": source.description,
         "config": hashlib.sha256(json.dumps(source.config.to_hf_dict(), sort_keys=True).encode()).hexdigest()[:16],
-        "data": {os.path.abspath(p): sha256_file(p) for p in data},
+        "data": {os.path.abspath(p): files.sha256_file(p) for p in data},
         "options": options,
     }
 
