@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import sys
 import tempfile
 import time
@@ -40,17 +41,28 @@ def run(path: str, kernel: str, timeout: int, keep: str | None = None) -> tuple[
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nb-") as scratch:
         # The notebook's own directory is its working directory (it finds the repository from there); the copy
-        # with outputs is written to scratch and dropped.
+        # with outputs is written to scratch and dropped. What the kernel process writes to its own stderr (native
+        # runtimes' logs: llama.cpp, LiteRT) goes to a file, shown only when the notebook fails.
         client = NotebookClient(
             notebook, timeout=timeout, kernel_name=kernel, resources={"metadata": {"path": os.path.dirname(path)}}
         )
-        try:
-            client.execute()
-        except CellExecutionError as e:
-            return False, time.perf_counter() - start, str(e)
-        finally:
-            nbformat.write(notebook, os.path.join(keep or scratch, os.path.basename(path)))
-    return True, time.perf_counter() - start, ""
+        log_path = os.path.join(scratch, "kernel.log")
+        with open(log_path, "wb") as log:
+            try:
+                client.execute(stderr=log)
+                error = ""
+            except CellExecutionError as e:
+                error = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the traceback without terminal colours
+            except Exception as e:  # a dead kernel, a cell past its timeout
+                error = f"{type(e).__name__}: {e}"
+            finally:
+                nbformat.write(notebook, os.path.join(keep or scratch, os.path.basename(path)))
+        if error:
+            with open(log_path, errors="replace") as log:
+                tail = log.read()[-2000:]
+            if tail.strip():
+                error += "\n--- kernel stderr (last lines) ---\n" + tail
+    return not error, time.perf_counter() - start, error
 
 
 def main(argv=None) -> int:
@@ -75,7 +87,7 @@ def main(argv=None) -> int:
             print(f"executed {name} in {seconds:.0f} s", flush=True)
         else:
             failed.append(name)
-            print(f"FAILED {name} after {seconds:.0f} s:\n{error[-3000:]}", flush=True)
+            print(f"FAILED {name} after {seconds:.0f} s:\n{error[-5000:]}", flush=True)
     total = time.perf_counter() - started
     print(f"notebooks: {len(paths) - len(failed)} of {len(paths)} executed without error in {total:.0f} s")
     return 1 if failed else 0
