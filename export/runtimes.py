@@ -11,9 +11,10 @@ import time
 import numpy as np
 
 
-def llama(path: str, n_ctx: int = 64):
-    """A llama.cpp context on the GGUF at `path` keeping every position's logits, with f32 K/V caches and without
-    flash attention (so comparisons with our f32 forward are not limited by cache rounding), 2 threads."""
+def llama(path: str, n_ctx: int = 64, logits_all: bool = True):
+    """A llama.cpp context on the GGUF at `path` for comparisons: every position's logits (`logits_all`), f32 K/V
+    caches and no flash attention (so comparisons with our f32 forward are not limited by cache rounding), 2
+    threads."""
     import llama_cpp
 
     return llama_cpp.Llama(
@@ -21,7 +22,7 @@ def llama(path: str, n_ctx: int = 64):
         n_ctx=n_ctx,
         n_batch=n_ctx,
         n_ubatch=n_ctx,
-        logits_all=True,
+        logits_all=logits_all,
         n_threads=2,
         type_k=llama_cpp.GGML_TYPE_F32,
         type_v=llama_cpp.GGML_TYPE_F32,

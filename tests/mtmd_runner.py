@@ -13,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from gemma4_jax.export import runtimes
+
 MARKER = "<__media__>"
 
 
@@ -30,17 +32,7 @@ class Mtmd:
         from llama_cpp import mtmd_cpp
 
         self.lib, self.mtmd = llama_cpp, mtmd_cpp
-        self.llm = llama_cpp.Llama(
-            model_path=model_path,
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            n_ubatch=n_ctx,
-            n_threads=2,
-            type_k=llama_cpp.GGML_TYPE_F32,
-            type_v=llama_cpp.GGML_TYPE_F32,
-            flash_attn=False,
-            verbose=False,
-        )
+        self.llm = runtimes.llama(model_path, n_ctx, logits_all=False)
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = False
         params.n_threads = 2
