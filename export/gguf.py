@@ -60,8 +60,8 @@ def _file_type(quant: str) -> int:
     }[quant]
 
 
-def _encoder(qtype) -> Callable[[np.ndarray], np.ndarray]:
-    """float32 rows [..., n] -> the stored array for `qtype` (bytes for the block types)."""
+def encoder(qtype) -> Callable[[np.ndarray], np.ndarray]:
+    """float32 rows [..., n] -> the stored array for `qtype` (bytes for the block types), as the exporter writes it."""
     import ml_dtypes
     from gguf import GGMLQuantizationType as T
 
@@ -368,7 +368,7 @@ class _StreamedTensor:
     def tofile(self, f) -> None:
 
         plan = self.plan
-        encode = _encoder(plan.qtype)
+        encode = encoder(plan.qtype)
         if not plan.shape:
             rows, per_row = 1, 1
         else:

@@ -370,7 +370,7 @@ def gguf_intended_params(source, quant: str, tokenizer_dir: str, dtype):
         step = max(1, (64 << 20) // (4 * max(per_row, 1)))  # ~64 MiB of float32 rows at a time (the PLE table: 9 GB)
         for start in range(0, plan.shape[0], step):
             rows = np.asarray(plan.read_rows(start, min(start + step, plan.shape[0])), np.float32)
-            stored = gguf_export._encoder(plan.qtype)(rows)
+            stored = gguf_export.encoder(plan.qtype)(rows)
             decoded = np.asarray(gguf.quants.dequantize(stored, plan.qtype), np.float32)
             value[start : start + step] = decoded.reshape(rows.shape)
         full_rows = leaf.hf_shapes[index][0] if leaf.hf_shapes[index] else 0
