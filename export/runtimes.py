@@ -34,8 +34,7 @@ def llama(path: str, n_ctx: int = 64, logits_all: bool = True):
 def llama_run(path: str, tokens: list[int], new_tokens: int) -> tuple[np.ndarray, list[int]]:
     """llama.cpp's logits for `tokens` and its greedy continuation of `tokens` (llama.cpp's own greedy sampler)."""
     llm = llama(path)
-    llm.eval(tokens)
-    logits = np.array(llm.scores[: len(tokens)], np.float32)
+    logits = llama_logits(llm, tokens)
     llm.reset()
     greedy = list(itertools.islice(llm.generate(tokens, temp=0.0, repeat_penalty=1.0), new_tokens))
     llm.close()
@@ -49,25 +48,38 @@ def llama_logits(llm, tokens: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)], np.float32)
 
 
-def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy continuation through llama.cpp's `eval` (one llama_decode per token, argmax over its logits) in the
-    context `llm` (timing: `llama_decode`)."""
+def _greedy(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy through llama.cpp's `eval` (one llama_decode per call), argmax over llama.cpp's own buffer of the
+    last position's logits, from a fresh sequence. Returns (tokens, stamps): stamps[0] is the start, stamps[1] the
+    end of the prompt's prefill (its first token), each later stamp one decode step."""
+    import llama_cpp
+
+    vocab = llm.n_vocab()
+
+    def last_argmax() -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), (vocab,))))
+
     llm.reset()
+    start = time.perf_counter()
     llm.eval(prompt)
-    tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
-    for _ in range(new_tokens - 1):
+    tokens, stamps = [last_argmax()], [start, time.perf_counter()]
+    while len(tokens) < new_tokens:
         llm.eval([tokens[-1]])
-        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-    return tokens
+        tokens.append(last_argmax())
+        stamps.append(time.perf_counter())
+    return tokens, stamps
+
+
+def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation of `prompt` in the context `llm` (timing: `llama_decode`)."""
+    return _greedy(llm, prompt, new_tokens)[0]
 
 
 def llama_decode(path: str, prompt: list[int], new_tokens: int, threads: int = 2, llm=None):
     """What a llama.cpp decode costs, as a user's context runs it (default caches, logits of the last position
-    only): greedy through `eval` (one llama_decode per call), argmax over llama.cpp's own logits buffer in numpy.
-    A 2-token warm-up first (pages the weights in, builds the graphs). Returns (tokens, stamps): stamps[0] is
-    the start, stamps[1] the end of the prompt's prefill (its first token), each later stamp one decode step.
-    (`Llama.generate` runs llama-cpp-python's Python sampling chain over the 262 144 logits as well, and a
-    `logits_all` context copies them every step: 20-45x slower than llama.cpp's decode on E2B.)"""
+    only; `llm` given: that context): a 2-token warm-up (pages the weights in, builds the graphs), then `_greedy`'s
+    (tokens, stamps). (`Llama.generate` runs llama-cpp-python's Python sampling chain over the 262 144 logits as
+    well, and a `logits_all` context copies them every step: 20-45x slower than llama.cpp's decode on E2B.)"""
     import llama_cpp
 
     own = llm is None
@@ -76,25 +88,9 @@ def llama_decode(path: str, prompt: list[int], new_tokens: int, threads: int = 2
             model_path=path, n_ctx=len(prompt) + new_tokens + 16, n_batch=max(len(prompt), 8),
             n_ubatch=max(len(prompt), 8), n_threads=threads, n_threads_batch=threads, verbose=False,
         )  # fmt: skip
-    vocab = llm.n_vocab()
-
-    def last_argmax() -> int:
-        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), (vocab,))))
-
-    def run(n: int):
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        tokens, stamps = [last_argmax()], [start, time.perf_counter()]
-        while len(tokens) < n:
-            llm.eval([tokens[-1]])
-            tokens.append(last_argmax())
-            stamps.append(time.perf_counter())
-        return tokens, stamps
-
     try:
-        run(2)
-        return run(new_tokens)
+        _greedy(llm, prompt, 2)
+        return _greedy(llm, prompt, new_tokens)
     finally:
         if own:
             llm.close()

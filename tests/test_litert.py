@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from gemma4_jax import cli, config
-from gemma4_jax.export import litert, litert_graph
+from gemma4_jax.export import litert, litert_graph, runtimes
 
 PREFILL_LEN, CACHE_LEN, DECODE_STEPS = 16, 64, 16
 PROMPT = [2, *range(300, 311)]  # BOS + 11 tokens: longer than the sliding window (4)
@@ -226,8 +226,6 @@ def test_int4_keeps_per_layer_inputs_at_8_bits(exported, tmp_path):
 def test_litert_lm_engine_greedy_equals_jax(exported, tokenizer_dir, tmp_path):
     """The engine streams text, not ids: its greedy text must equal its own detokenization of JAX's greedy ids
     (cut at the first stop token), after it tokenized the prompt to the same ids as our tokenizer."""
-    import litert_lm
-
     from gemma4_jax.tokenizer import load_tokenizer
 
     cfg, params, out = exported
@@ -244,23 +242,13 @@ def test_litert_lm_engine_greedy_equals_jax(exported, tokenizer_dir, tmp_path):
         until_stop.append(t)
     assert until_stop, "the fixed prompt should produce at least one token before a stop token"
 
-    engine = litert_lm.Engine(os.path.join(out, "model.litertlm"), max_num_tokens=CACHE_LEN, cache_dir=str(tmp_path))
-    try:
-        assert engine.tokenize(text) == prompt[1:]
-        session = engine.create_session(
-            apply_prompt_template=False,
-            sampler_config=litert_lm.SamplerConfig(top_k=1, temperature=0.0),
-            max_output_tokens=n,
-        )
-        session.run_prefill([text])
-        generated = "".join(chunk.texts[0] for chunk in session.run_decode_async())
-        session.close()
-        # Byte-fallback pieces make text ambiguous across tokenizers, so the JAX ids go through the engine's own
-        # detokenizer.
-        expected = engine.detokenize(until_stop)
-    finally:
-        engine.close()
-    assert generated == expected
+    # Byte-fallback pieces make text ambiguous across tokenizers, so the JAX ids go through the engine's own
+    # detokenizer.
+    got = runtimes.engine_greedy(
+        os.path.join(out, "model.litertlm"), text, n, CACHE_LEN, str(tmp_path), detokenize=[until_stop]
+    )
+    assert got["prompt_ids"] == prompt[1:]
+    assert got["text"] == got["detokenized"][0]
 
 
 @pytest.mark.slow
@@ -268,8 +256,6 @@ def test_quantized_cli_export_runs_in_engine(tokenizer_dir, tmp_path):
     """The CLI's int4 path (bf16 load, tensor-by-tensor quantization, decode-only weight-only twin check) writes
     a bundle the litert-lm engine runs (offset/size buffers, int8 lookup tables)."""
     import json
-
-    import litert_lm
 
     out = str(tmp_path / "litert")
     argv = ["export", "litert", "--variant", "tiny", "--quant", "int4", "--tokenizer", tokenizer_dir]
@@ -279,19 +265,10 @@ def test_quantized_cli_export_runs_in_engine(tokenizer_dir, tmp_path):
         check = json.load(f)["check"]
     assert check["weights_max_abs_logit_diff"] <= 1e-3
     assert set(os.listdir(out)) == {"model.tflite", "model.litertlm", "export.json", *litert.SIDE_MODELS.values()}
-    engine = litert_lm.Engine(os.path.join(out, "model.litertlm"), max_num_tokens=CACHE_LEN, cache_dir=str(tmp_path))
-    try:
-        session = engine.create_session(
-            apply_prompt_template=False,
-            sampler_config=litert_lm.SamplerConfig(top_k=1, temperature=0.0),
-            max_output_tokens=4,
-        )
-        session.run_prefill(["The quick brown fox"])
-        generated = "".join(chunk.texts[0] for chunk in session.run_decode_async())
-        session.close()
-    finally:
-        engine.close()
-    assert generated
+    got = runtimes.engine_greedy(
+        os.path.join(out, "model.litertlm"), "The quick brown fox", 4, CACHE_LEN, str(tmp_path)
+    )
+    assert got["text"]
 
 
 def test_bad_arguments_write_nothing(tmp_path, capsys):
