@@ -63,6 +63,13 @@ def einsum(eqn: str, x: Array, w) -> Array:
     return jnp.einsum(eqn, x, w.astype(x.dtype), preferred_element_type=x.dtype)
 
 
+def einsum_specs(eqn: str) -> tuple[str, str, str]:
+    """The (activation, weight, output) letters of a two-operand einsum equation, spaces dropped."""
+    inputs, out_spec = eqn.replace(" ", "").split("->")
+    x_spec, w_spec = inputs.split(",")
+    return x_spec, w_spec, out_spec
+
+
 def ragged_einsum(eqn: str, x: Array, w, group_sizes: Array) -> Array:
     """A per-group `einsum` over rows sorted by group: x [M, c...] (the first `group_sizes[0]` rows belong to group
     0, ...) and w [G, ...] whose first axis is the group (the MoE experts: "md,egfd->mgf"). Weight objects (LoRA)
@@ -70,8 +77,7 @@ def ragged_einsum(eqn: str, x: Array, w, group_sizes: Array) -> Array:
     if not is_dense(w) and hasattr(w, "ragged_einsum"):
         return w.ragged_einsum(eqn, x, group_sizes)
     w = dense(w, x.dtype)
-    inputs, out_spec = eqn.replace(" ", "").split("->")
-    x_spec, w_spec = inputs.split(",")
+    x_spec, w_spec, out_spec = einsum_specs(eqn)
     rows, contracted = x_spec[0], x_spec[1:]
     kept = "".join(c for c in w_spec[1:] if c not in contracted)
     assert out_spec == rows + kept, eqn

@@ -120,8 +120,7 @@ class LoraWeight:
 
     def einsum(self, eqn: str, x: jax.Array) -> jax.Array:
         y = model.einsum(eqn, x, self.base)
-        inputs, out_spec = eqn.replace(" ", "").split("->")
-        x_spec, w_spec = inputs.split(",")
+        x_spec, w_spec, out_spec = model.einsum_specs(eqn)
         g, i, o = self._letters(w_spec)
         r = next(c for c in string.ascii_letters if c not in eqn)
         x_rest = "".join(c for c in x_spec if c not in i)  # batch letters (and "...")
@@ -138,8 +137,7 @@ class LoraWeight:
         """The expert stacks' contraction (`model.ragged_einsum`, rows sorted by expert): each row goes through
         its expert's base weight and its expert's adapter, x A_e then B_e, so no [E, ...]-sized update is formed."""
         y = model.ragged_einsum(eqn, x, self.base, group_sizes)
-        inputs, out_spec = eqn.replace(" ", "").split("->")
-        x_spec, w_spec = inputs.split(",")
+        x_spec, w_spec, out_spec = model.einsum_specs(eqn)
         e, i, o = self._letters(w_spec)
         r = next(c for c in string.ascii_letters if c not in eqn)
         rows = x_spec[0]
