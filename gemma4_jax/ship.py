@@ -832,7 +832,7 @@ def ship(
 
         stage = f"verify {target.name}"
         tag = stages.start(stage, f"in {RUNTIMES[target.format]} against JAX")
-        digest = {rel: h for rel, h in record["outputs"].items()}
+        digest = dict(record["outputs"])
         verified = manifest.done(stage)
         if verified is not None and verified["result"].get("artifact") == digest:
             log(f"{tag}: done in run {verified['run']}, skipped")
@@ -846,9 +846,9 @@ def ship(
                     result = verify_litert(
                         path, base(), target, prompt_ids, prompt, new_tokens, reference, prefill_len, cache_len
                     )
+            except MemoryError:
+                raise
             except Exception as e:  # the runtime could not load or run the artifact: that row fails
-                if isinstance(e, (KeyboardInterrupt, MemoryError)):
-                    raise
                 result = {"error": f"the verification could not run: {type(e).__name__}: {e}"}
             manifest.finish(stage, [], {"artifact": digest, "verdict": _jsonable(result)})
             status = "FAILED: " + result["error"] if result.get("error") else "verified"
@@ -863,7 +863,7 @@ def ship(
     if finetune_info is not None:
         plot_loss(_replace(os.path.join(out_dir, "loss.png")), os.path.join(out_dir, "finetune", loop.METRICS))
         plots.append("loss.png")
-    reference_bytes = sources.open_source(model_dir).nbytes()
+    reference_bytes = base().nbytes()
     plot_quality(_replace(os.path.join(out_dir, "quality.png")), artifacts, reference_bytes)
     plots.append("quality.png")
     result = ShipReport(
