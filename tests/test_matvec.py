@@ -5,6 +5,9 @@ free of whole-weight temporaries."""
 
 from __future__ import annotations
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,6 +99,30 @@ def _abstract_decode_layout(cfg, tree):
     return tree
 
 
+def _matvec_activation_operands(hlo: str) -> dict[str, list[str]]:
+    """For each loop fusion of the entry computation whose dot reads a weight (a parameter of >= 2^18 elements; the
+    attention's library dots over the cache are custom fusions): the shapes of its other parameters, the
+    activations."""
+    bodies, name = {}, None
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            bodies[name] = []
+        elif name:
+            bodies[name].append(line)
+    entry = hlo[hlo.index("ENTRY") :].splitlines()
+    out = {}
+    for line in entry:
+        match = re.search(r"%(\S+) = \S+ fusion\(.*kind=kLoop, calls=%([\w.\-]+)", line)
+        if not match or not any(" dot(" in b for b in bodies.get(match.group(2), ())):
+            continue
+        params = [re.search(r"= (\S+?)\{", b).group(1) for b in bodies[match.group(2)] if " parameter(" in b]
+        sizes = [math.prod(int(d) for d in re.findall(r"\d+", p.split("[")[1])) for p in params]
+        if max(sizes) >= 1 << 18:
+            out[match.group(1)] = [p for p, size in zip(params, sizes, strict=True) if size < 1 << 18]
+    return out
+
+
 def test_full_size_decode_step_has_no_weight_temporaries():
     """The compiled batch-1 decode step of full-size E2B (bf16, PLE table on the host) keeps its temporaries
     under 1% of the weight bytes in the decode layout (measured 8 MB of 4.6 GB); in the checkpoint layout XLA:CPU
@@ -116,6 +143,13 @@ def test_full_size_decode_step_has_no_weight_temporaries():
         pos = jax.ShapeDtypeStruct((1,), jnp.int32)
         step = _jitted["step"].lower(cfg, SamplingConfig(), tree, pos, pos, cache, jax.random.key(0), rows).compile()
         temps[layout] = step.memory_analysis().temp_size_in_bytes / weight_bytes
+        if layout == "decode":
+            # Every weight's matvec reads its activation row from a float32 buffer of its own: a bf16 operand would
+            # mean its convert/reshape/transpose is fused into the loop and recomputed per weight element.
+            matvecs = _matvec_activation_operands(step.as_text())
+            assert len(matvecs) >= 7 * cfg.num_layers  # q, k/v, o, gate/up, down, PLE gate and projection
+            unmaterialized = {k: v for k, v in matvecs.items() if not all(p.startswith("f32[") for p in v)}
+            assert not unmaterialized
     print(f"decode-step temporaries / weight bytes: {temps}")
     assert temps["decode"] < 0.01
     assert temps["checkpoint"] > 0.5
