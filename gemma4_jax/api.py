@@ -364,9 +364,8 @@ def read_params(
     from gemma4_jax.hf_format import np_dtype
     from gemma4_jax.quant.checkpoint import QuantizedSource
 
-    meter = files.Progress(
-        f"loading {source.config.name}", plan_load(source, dtype, ple_mode).weight_bytes, min_total=10**8
-    )
+    total = plan_load(source, dtype, ple_mode).weight_bytes
+    meter = files.Progress(f"loading {source.config.name}", total, min_total=10**8 if progress else math.inf)
     params: Params = {}
     for leaf in source.leaves():
         if leaf.path == ple.TABLE_PATH and ple_mode != "device":
