@@ -5,14 +5,15 @@ the whole weight to float32, and in a decode step it schedules every layer's con
 size of the model; 0.15 tok/s for E2B). It does fuse the conversion into the loop of a dot whose output is 1-D and
 whose vector operand holds at most 2048 float32 values, `dot(x_chunk, W_chunk.T)` with W_chunk a contiguous
 [out, chunk] slab (measured in shared/research/xla-cpu-matvec: ~36 GB/s for bf16, level with torch). So on CPU the
-matrices are stored once, at load, chunk-major: `DecodeWeight.data` [n, out, chunk], the stored layout of
-`param_spec.Leaf.perm` (contracted axes last, flattened) cut into n contiguous column chunks; and
+matrices are stored once, at load, chunk by chunk: `DecodeWeight.data` n arrays [out, chunk], the stored layout of
+`param_spec.Leaf.perm` (contracted axes last, flattened) cut into n column chunks, each a buffer of its own (a
+dot on a slice of one stacked array makes XLA copy the slice for the library call); and
 - one activation row (batch-1 decode): n 1-D dots, summed; each partial passes `reduce_precision` (a no-op on
   float32) so that XLA does not fuse the dot into the sum, which would undo the fusion above; the row itself is
   written to a float32 buffer of its own first (`_own_buffer`), or XLA fuses its producer (the attention output's
   reshape, a convert) into the loop and recomputes it per weight element (6x slower);
-- several rows (batched decode, prefill): one dot of the stored dtype with a float32 result and the chunks as its
-  batch axis (then summed), which XLA:CPU runs natively (YNNPACK) on the stored data as it is.
+- several rows (batched decode, prefill): per chunk one dot of the stored dtype with a float32 result, which
+  XLA:CPU runs natively (YNNPACK) on the chunk as stored.
 `decode_layout` converts a parameter tree; GPU/TPU keep the checkpoint layout and their native dots.
 """
 
@@ -46,9 +47,9 @@ def chunks_of(n_in: int) -> int:
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["shape", "perm", "ncontract"])
 @dataclasses.dataclass(frozen=True)
 class DecodeWeight:
-    """A dense weight of logical (official-layout) `shape` stored chunk-major for XLA:CPU (see the module doc):
-    `data` [n, out, chunk] = the stored layout (axes `perm`, the last `ncontract` contracted) as [out, in], its
-    columns cut into n chunks."""
+    """A dense weight of logical (official-layout) `shape` stored in column chunks for XLA:CPU (see the module doc):
+    `data` = n arrays [out, chunk], the stored layout (axes `perm`, the last `ncontract` contracted) as [out, in]
+    cut into n chunks of columns."""
 
     data: Any
     shape: tuple[int, ...]
@@ -57,11 +58,11 @@ class DecodeWeight:
 
     @property
     def dtype(self):
-        return self.data.dtype
+        return self.data[0].dtype
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.size * self.data.dtype.itemsize)
+        return sum(int(chunk.size * chunk.dtype.itemsize) for chunk in self.data)
 
     def _stored_shape(self) -> tuple[int, ...]:
         return tuple(self.shape[p] for p in self.perm)
@@ -83,7 +84,7 @@ class DecodeWeight:
         return jnp.einsum(f"{batch}{kept}->{out}", y).astype(x.dtype)
 
     def materialize(self, dtype):
-        stored = jnp.transpose(self.data, (1, 0, 2)).reshape(self._stored_shape())
+        stored = jnp.concatenate(self.data, axis=1).reshape(self._stored_shape())
         return jnp.transpose(stored, np.argsort(self.perm)).astype(dtype)
 
     def reshape(self, *shape):
@@ -104,21 +105,19 @@ def _own_buffer(row):
 
 
 def matmul(x, data):
-    """x [M, IN] @ (data [n, OUT, C] as [OUT, n·C]).T -> [M, OUT] float32 (see the module doc)."""
-    n, _, c = data.shape
+    """x [M, IN] @ (data: n chunks [OUT, C], as [OUT, n·C]).T -> [M, OUT] float32 (see the module doc)."""
+    c = data[0].shape[1]
     f32 = jnp.float32
     if x.shape[0] == 1:
         row = _own_buffer(x[0].astype(f32))
-        parts = [jnp.dot(row[k * c : (k + 1) * c], data[k].T.astype(f32)) for k in range(n)]
-        y = parts[0] if n == 1 else sum(jax.lax.reduce_precision(p, 8, 23) for p in parts)
-        return y[None]
-    rows = x.astype(data.dtype)
-    if n == 1:
-        return jnp.einsum("mi,oi->mo", rows, data[0], preferred_element_type=f32)
-    # One dot with the chunks as its batch axis: a dot per slice data[k] made XLA copy every chunk into a buffer of
-    # its own for the library call (1.1 GB of copies per E2B step; batch-4 decode 2.4 -> 8.3 GB/s without them).
-    parts = jnp.einsum("mnc,noc->nmo", rows.reshape(rows.shape[0], n, c), data, preferred_element_type=f32)
-    return jnp.sum(parts, axis=0)
+        parts = [jnp.dot(row[k * c : (k + 1) * c], chunk.T.astype(f32)) for k, chunk in enumerate(data)]
+    else:
+        rows = x.astype(data[0].dtype)
+        parts = [
+            jnp.einsum("mi,oi->mo", rows[:, k * c : (k + 1) * c], chunk, preferred_element_type=f32)
+            for k, chunk in enumerate(data)
+        ]
+    return parts[0] if len(parts) == 1 else sum(jax.lax.reduce_precision(p, 8, 23) for p in parts)
 
 
 def fused_lm_head(x, table) -> bool:
@@ -142,7 +141,7 @@ def uses_decode_layout(leaf: param_spec.Leaf) -> bool:
 
 
 def data_shape(leaf: param_spec.Leaf) -> tuple[int, int, int]:
-    """[n, out, chunk] of a leaf's DecodeWeight data."""
+    """(n, out, chunk): a leaf's DecodeWeight data is n arrays [out, chunk]."""
     stored = [leaf.shape[p] for p in leaf.perm]
     n_in = math.prod(stored[len(stored) - leaf.ncontract :])
     n = chunks_of(n_in)
@@ -150,10 +149,11 @@ def data_shape(leaf: param_spec.Leaf) -> tuple[int, int, int]:
 
 
 def to_decode_weight(w, leaf: param_spec.Leaf) -> DecodeWeight:
-    """One dense leaf (official layout) as a DecodeWeight; numpy in, the device array built once."""
+    """One dense leaf (official layout) as a DecodeWeight; numpy in, each chunk's device array built once."""
     n, rows, chunk = data_shape(leaf)
-    data = np.ascontiguousarray(np.transpose(np.asarray(w), leaf.perm).reshape(rows, n, chunk).transpose(1, 0, 2))
-    return DecodeWeight(jnp.asarray(data), tuple(leaf.shape), tuple(leaf.perm), leaf.ncontract)
+    matrix = np.transpose(np.asarray(w), leaf.perm).reshape(rows, n * chunk)
+    data = tuple(jnp.asarray(np.ascontiguousarray(matrix[:, k * chunk : (k + 1) * chunk])) for k in range(n))
+    return DecodeWeight(data, tuple(leaf.shape), tuple(leaf.perm), leaf.ncontract)
 
 
 def decode_layout(params, config: Gemma4Config):

@@ -57,8 +57,9 @@ def test_contractions_equal_float64(dtype, max_chunk, monkeypatch):
                 continue
             w = np.asarray(jnp.asarray(rng.normal(size=leaf.shape), dtype), np.float64)
             weight = matvec.to_decode_weight(np.asarray(w, dtype), leaf)
-            assert weight.data.shape == matvec.data_shape(leaf)
-            assert weight.data.shape[2] <= max_chunk
+            n, out, chunk = matvec.data_shape(leaf)
+            assert [c.shape for c in weight.data] == [(out, chunk)] * n
+            assert chunk <= max_chunk
             for rows in ((1, 1), (2, 1), (1, 5), (2, 8)):
                 x = np.asarray(jnp.asarray(rng.normal(size=_x_shape(eqn, leaf, rows)), dtype), np.float64)
                 want = np.einsum(eqn, x, w)
@@ -94,7 +95,8 @@ def test_greedy_unchanged(name, max_chunk, monkeypatch):
 def _abstract_decode_layout(cfg, tree):
     """`matvec.decode_layout` on shapes only (a full-size model compiles without its weights)."""
     for leaf in _leaves(cfg):
-        data = jax.ShapeDtypeStruct(matvec.data_shape(leaf), tree_get(tree, leaf.path).dtype)
+        n, out, chunk = matvec.data_shape(leaf)
+        data = (jax.ShapeDtypeStruct((out, chunk), tree_get(tree, leaf.path).dtype),) * n
         tree_set(tree, leaf.path, matvec.DecodeWeight(data, tuple(leaf.shape), tuple(leaf.perm), leaf.ncontract))
     return tree
 
@@ -126,8 +128,8 @@ def _matvec_activation_operands(hlo: str) -> dict[str, list[str]]:
 def test_full_size_decode_step_has_no_weight_temporaries():
     """The compiled decode step of full-size E2B (bf16, PLE table on the host) keeps its temporaries under 1% of the
     weight bytes in the decode layout at batch 1 (measured 2.8 MB of 4.6 GB) and under 5% at batch 4 (measured 2.6%:
-    attention's float32 copies of the 1024-token cache; a dot per chunk slice used to copy every multi-chunk
-    weight, 1.1 GB); in the
+    attention's float32 copies of the 1024-token cache; dots on slices of a stacked [n, out, chunk] array used to
+    copy every multi-chunk weight, 1.1 GB); in the
     checkpoint layout XLA:CPU converts every weight to float32 up front (measured 7.5 GB), which is what the layout
     is for."""
     from gemma4_jax.sampler import SamplingConfig
