@@ -11,11 +11,14 @@ step, so each row's peak RSS is that step's own:
    ships in the llama-cpp-python sdist, written as a `tokenizer.json` (random weights have no tokenizer).
 2. `create`: random bf16 weights (`init_params`) saved as an HF checkpoint (`save_hf_checkpoint`).
 3. `export` x3: `gemma4-jax export gguf --quant f16 | q8_0 | q4_0` of that checkpoint (time, peak RSS, size).
-4. `jax` x3: `load_hf_checkpoint` (bf16), then `quant.quantize_params(..., JaxPolicy("int8" | "int4"))` for the
-   quantized rows (packed weights dequantized inside the jitted matmuls); `Sampler.generate` once to compile, once
-   timed.
-5. `llama` x3: llama-cpp-python on each GGUF file; a 2-token warm-up, then one timed greedy run of llama.cpp's
-   `eval` (one llama_decode per token; argmax in numpy), not `Llama.generate` and its Python sampling chain.
+4. `bandwidth`, then for each pair (bf16 ~ f16, int8 ~ q8_0, int4 ~ q4_0) `jax` and `llama` back to back, all of it
+   `--rounds` times (default 2); each worker times `--repeat` calls (default 3); the table keeps the best of all.
+   `bandwidth`: torch summing 1 GiB of float32 on the same threads, the machine's read bandwidth.
+   `jax`: `api.load` as a user does (bf16: the CPU decode layout), for int8 / int4 then `quant.quantize_params(...,
+   JaxPolicy(format))` and `matvec.decode_layout` (what loading a quantized checkpoint gives); one
+   `Sampler.generate` to compile, then the timed calls.
+   `llama`: llama-cpp-python on each GGUF file; per call a 2-token warm-up, then a timed greedy run of llama.cpp's
+   own decode loop (one llama_decode per token; argmax in numpy), not `Llama.generate` and its Python sampling.
 
 Each worker prints one `BENCH_RESULT {json}` line on stdout; progress goes to stderr. Needs llama-cpp-python
 (scripts/test.sh installs it) and, for full E2B, ~16 GiB of free RAM and ~35 GiB of disk in the work directory.
@@ -175,48 +178,62 @@ def worker_jax(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from gemma4_jax import hf_format, quant
+    from gemma4_jax import api, matvec, quant
     from gemma4_jax.sampler import Sampler, SamplingConfig
 
     log(f"JAX {args.format}: loading {args.checkpoint}")
-    cfg, params = hf_format.load_hf_checkpoint(args.checkpoint, dtype=jnp.bfloat16)
+    # As a user loads it: bf16 in the CPU decode layout; the quantized rows quantize the official layout in memory
+    # (what `gemma4-jax quantize` writes) and then take the decode layout, as loading that checkpoint does.
+    layout = "auto" if args.format == "bf16" else "checkpoint"
+    model = api.load(args.checkpoint, dtype=jnp.bfloat16, layout=layout, progress=False, text_only=True)
+    cfg, params = model.config, model.params
     jax.block_until_ready(params)
     quantize_seconds = 0.0
     if args.format != "bf16":
         start = time.perf_counter()
         params = quant.quantize_params(params, cfg, quant.JaxPolicy(args.format))
+        if matvec.wanted(jnp.bfloat16):
+            params = matvec.decode_layout(params, cfg)
         jax.block_until_ready(params)
         quantize_seconds = time.perf_counter() - start
         log(f"JAX {args.format}: quantized in {quantize_seconds:.0f} s")
+    table = params["embedder"].get("per_layer_embeddings")  # gathered a few rows per token, not read whole
     prompt = make_prompt(cfg.vocab_size, args.prompt_len)
     sampler = Sampler(cfg, params, SamplingConfig(temperature=0.0), stop_tokens=(), cache_dtype=jnp.bfloat16)
     warm = sampler.generate([prompt], args.new_tokens)
-    log(f"JAX {args.format}: compiled in {warm.compile_seconds:.0f} s; timed run")
+    log(f"JAX {args.format}: compiled in {warm.compile_seconds:.0f} s; {args.repeat} timed runs")
     other = OtherLoad()
-    with other.measure():
-        timed = sampler.generate([prompt], args.new_tokens)
+    runs = []
+    for _ in range(args.repeat):
+        with other.measure():
+            runs.append(sampler.generate([prompt], args.new_tokens))
     emit(
         {
             "prepare_seconds": quantize_seconds,
             "weight_bytes": quant.weight_bytes(params),
-            "prefill_seconds": timed.prefill_seconds,
-            "decode_seconds": timed.decode_seconds,
-            "decode_steps": timed.decode_steps,
+            "read_bytes": quant.weight_bytes(params) - (quant.weight_bytes(table) if table is not None else 0),
+            "prefill_seconds": min(r.prefill_seconds for r in runs),
+            "decode_seconds": min(r.decode_seconds for r in runs),
+            "decode_steps": runs[0].decode_steps,
             "compile_seconds": warm.compile_seconds,
             "other_load_cores": other.cores,
-            "tokens": timed.tokens[0],
+            "tokens": runs[0].tokens[0],
         }
     )
 
 
 def worker_llama(args) -> None:
     limit_cpus(args.threads)
+    import gguf
     import llama_cpp
 
     from gemma4_jax.export.runtimes import llama_decode  # warms up (2 tokens), then the timed greedy run
 
     path = os.path.join(args.workdir, f"model-{args.quant}.gguf")
     log(f"llama.cpp {args.quant}: loading {path}")
+    reader = gguf.GGUFReader(path)
+    read_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name != "per_layer_token_embd.weight")
+    del reader
     llm = llama_cpp.Llama(
         model_path=path,
         n_ctx=args.prompt_len + args.new_tokens + 16,
@@ -227,20 +244,39 @@ def worker_llama(args) -> None:
         verbose=False,
     )
     prompt = make_prompt(llm.n_vocab(), args.prompt_len)
-    log(f"llama.cpp {args.quant}: timed run")
+    log(f"llama.cpp {args.quant}: {args.repeat} timed runs")
     other = OtherLoad()
-    with other.measure():
-        tokens, stamps = llama_decode(path, prompt, args.new_tokens, llm=llm)
+    runs = []
+    for _ in range(args.repeat):
+        with other.measure():
+            runs.append(llama_decode(path, prompt, args.new_tokens, llm=llm))
+    tokens = runs[0][0]
     emit(
         {
             # The first token's wait is the prompt's prefill (+ its argmax); every later token is one decode.
-            "prefill_seconds": stamps[1] - stamps[0],
-            "decode_seconds": stamps[-1] - stamps[1],
+            "prefill_seconds": min(stamps[1] - stamps[0] for _, stamps in runs),
+            "decode_seconds": min(stamps[-1] - stamps[1] for _, stamps in runs),
             "decode_steps": len(tokens) - 1,
+            "read_bytes": read_bytes,
             "other_load_cores": other.cores,
             "tokens": tokens,
         }
     )
+
+
+def worker_bandwidth(args) -> None:
+    """The machine's read bandwidth: torch summing 1 GiB of float32 on `--threads` threads, best of 5."""
+    limit_cpus(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    x = torch.ones(1 << 28, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(6):
+        start = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - start)
+    emit({"read_gbps": x.numel() * 4 / best / 1e9})
 
 
 WORKERS = {
@@ -249,6 +285,7 @@ WORKERS = {
     "export": worker_export,
     "jax": worker_jax,
     "llama": worker_llama,
+    "bandwidth": worker_bandwidth,
 }
 
 
@@ -256,48 +293,70 @@ WORKERS = {
 
 
 def run_quant_worker(kind: str, args, **extra) -> dict | None:
-    options = {"variant": args.variant, "layers": args.layers, "prompt_len": args.prompt_len}
+    options = {"variant": args.variant, "layers": args.layers, "prompt_len": args.prompt_len, "repeat": args.repeat}
     options |= {"new_tokens": args.new_tokens, "threads": args.threads, "checkpoint": args.checkpoint}
     log(f"worker {kind} {extra or ''}")
     return run_worker(__file__, kind, options | {"workdir": args.workdir, "sdist": args.sdist, **extra})
 
 
+def best_of(rounds: list[dict | None]) -> dict | None:
+    """One row's rounds merged: the shortest prefill and decode times, the largest peak RSS and other load."""
+    done = [r for r in rounds if r is not None]
+    if not done or len(done) < len(rounds):
+        return None
+    merged = dict(done[0])
+    for key in ("prefill_seconds", "decode_seconds"):
+        merged[key] = min(r[key] for r in done)
+    merged["peak_rss_gib"] = max(r["peak_rss_gib"] for r in done)
+    cores = [r["other_load_cores"] for r in done if r["other_load_cores"] is not None]
+    merged["other_load_cores"] = max(cores) if cores else None
+    return merged
+
+
 def _rates(result, prompt_len):
+    """(prefill tok/s, decode tok/s, GB/s of weight bytes read per decode token), or None."""
     if not result:
-        return "failed", "failed"
+        return None
     decode = result["decode_steps"] / result["decode_seconds"] if result["decode_steps"] else float("nan")
-    return f"{prompt_len / result['prefill_seconds']:.1f}", f"{decode:.2f}"
+    return prompt_len / result["prefill_seconds"], decode, decode * result["read_bytes"] / 1e9
 
 
-def format_table(args, cfg_name, exports, jax_rows, llama_rows) -> str:
+PAIRS = tuple(zip(JAX_FORMATS, GGUF_QUANTS, strict=True))  # bf16 ~ f16, int8 ~ q8_0, int4 ~ q4_0
+
+
+def format_table(args, cfg_name, exports, jax_rows, llama_rows, bandwidth) -> str:
     header = (
-        "runtime",
         "weights",
+        "runtime",
         "weight GiB",
+        "read/token GB",
         "prepare s",
-        "prepare RSS GiB",
         "prefill tok/s",
         "decode tok/s",
+        "GB/s read",
+        "% of bandwidth",
         "RSS GiB",
+        "decode vs llama.cpp",
     )
     rows = []
-    for fmt in JAX_FORMATS:
-        r = jax_rows.get(fmt)
-        prefill, decode = _rates(r, args.prompt_len)
-        if r is None:
-            rows.append(("gemma4-jax", fmt, "-", "-", "-", prefill, decode, "failed"))
-            continue
-        prepare = f"{r['prepare_seconds']:.0f}" if fmt != "bf16" else "-"
-        gib = f"{r['weight_bytes'] / 2**30:.2f}"
-        rows.append(("gemma4-jax", fmt, gib, prepare, "-", prefill, decode, f"{r['peak_rss_gib']:.2f}"))
-    for q in GGUF_QUANTS:
-        e, r = exports.get(q), llama_rows.get(q)
-        prefill, decode = _rates(r, args.prompt_len)
-        size = f"{e['bytes'] / 2**30:.2f}" if e else "failed"
-        prep = f"{e['seconds']:.0f}" if e else "failed"
-        prep_rss = f"{e['peak_rss_gib']:.2f}" if e else "failed"
-        rss = f"{r['peak_rss_gib']:.2f}" if r else "failed"
-        rows.append(("llama.cpp", q, size, prep, prep_rss, prefill, decode, rss))
+    for fmt, q in PAIRS:
+        ours, theirs = _rates(jax_rows.get(fmt), args.prompt_len), _rates(llama_rows.get(q), args.prompt_len)
+        for name, kind, result, rate in (("gemma4-jax", fmt, jax_rows.get(fmt), ours),
+                                         ("llama.cpp", q, llama_rows.get(q), theirs)):  # fmt: skip
+            if rate is None:
+                rows.append((kind, name, *["failed"] * (len(header) - 2)))
+                continue
+            if name == "gemma4-jax":
+                size, prepare = result["weight_bytes"], "-" if fmt == "bf16" else f"{result['prepare_seconds']:.0f}"
+                ratio = f"{ours[1] / theirs[1]:.2f}x" if theirs else "-"
+            else:
+                e = exports.get(q)
+                size, prepare, ratio = e["bytes"], f"{e['seconds']:.0f}", ""
+            share = f"{100 * rate[2] / bandwidth:.0f}%" if bandwidth else "-"
+            rows.append(
+                (kind, name, f"{size / 2**30:.2f}", f"{result['read_bytes'] / 1e9:.2f}", prepare, f"{rate[0]:.1f}",
+                 f"{rate[1]:.2f}", f"{rate[2]:.1f}", share, f"{result['peak_rss_gib']:.2f}", ratio)
+            )  # fmt: skip
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
 
     def line(cells):
@@ -307,7 +366,8 @@ def format_table(args, cfg_name, exports, jax_rows, llama_rows) -> str:
 
     title = (
         f"Gemma 4 {cfg_name}, random weights, batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new "
-        f"tokens (greedy), CPU, {args.threads} thread(s)"
+        f"tokens (greedy), CPU, {args.threads} thread(s); best of {args.repeat} calls x {args.rounds} alternating "
+        f"rounds; machine read bandwidth {bandwidth or float('nan'):.1f} GB/s"
     )
     return "\n".join([title, "", line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
@@ -319,35 +379,45 @@ def run_benchmark(args) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     args.checkpoint = os.path.join(args.workdir, "checkpoint")
     log(f"work directory: {args.workdir}")
-    exports, jax_rows, llama_rows = {}, {}, {}
+    exports, jax_rounds, llama_rounds, bandwidths = {}, {}, {}, []
     try:
         vocab = run_quant_worker("vocab", args)
         create = run_quant_worker("create", args) if vocab else None
         if create:
             for q in GGUF_QUANTS:
                 exports[q] = run_quant_worker("export", args, quant=q)
-            for fmt in JAX_FORMATS:
-                jax_rows[fmt] = run_quant_worker("jax", args, format=fmt)
-            for q in GGUF_QUANTS:
-                if exports[q]:
-                    llama_rows[q] = run_quant_worker("llama", args, quant=q)
+            for round_ in range(args.rounds):  # each pair back to back, the two runtimes alternating
+                log(f"round {round_ + 1} of {args.rounds}")
+                bandwidths.append(run_quant_worker("bandwidth", args))
+                for fmt, q in PAIRS:
+                    jax_rounds.setdefault(fmt, []).append(run_quant_worker("jax", args, format=fmt))
+                    if exports[q]:
+                        llama_rounds.setdefault(q, []).append(run_quant_worker("llama", args, quant=q))
     finally:
         if not args.keep and created:
             shutil.rmtree(args.workdir, ignore_errors=True)
     if not create:
         return 1
-    print(format_table(args, create["config"], exports, jax_rows, llama_rows))
+    jax_rows = {k: best_of(v) for k, v in jax_rounds.items()}
+    llama_rows = {k: best_of(v) for k, v in llama_rounds.items()}
+    measured = [b["read_gbps"] for b in bandwidths if b]
+    bandwidth = max(measured) if measured else None
+    print(format_table(args, create["config"], exports, jax_rows, llama_rows, bandwidth))
     notes = [
         "",
         f"Weights: {create['params'] / 1e9:.2f} B parameters, created + saved (bf16) in {create['seconds']:.0f} s.",
         "weight GiB: JAX: bytes of the parameter tree (packed codes + scales for quantized leaves); llama.cpp: file "
-        "size. prepare: GGUF export of the bf16 checkpoint (llama.cpp rows; peak RSS of the exporting process) or "
-        "quantize_params on the loaded bf16 tree (JAX rows).",
+        "size. read/token: those bytes but the PLE table (a few rows gathered per token), what one decode step "
+        "reads. GB/s read: read/token x decode tok/s. % of bandwidth: of the machine's read bandwidth, torch "
+        "summing 1 GiB of float32 on the same threads, best of each round's measurement.",
+        "prepare: GGUF export of the bf16 checkpoint (llama.cpp rows) or quantize_params + the CPU decode layout on "
+        "the loaded bf16 tree (JAX rows).",
         "JAX int8 / int4: quant.JaxPolicy defaults (norms, router in float; int4 keeps the PLE projections, token "
         "embedding and PLE table at 8 bits). llama.cpp q4_0: Q4_0 matrices, Q8_0 embedding tables, f16 "
         "per_layer_model_proj (see gemma4_jax/export/gguf.py).",
         "prefill tok/s: prompt / time to the first token. decode tok/s: (N-1) tokens after the first / their time. "
-        "RSS: ru_maxrss of the worker (llama.cpp maps the file: touched pages count).",
+        "llama.cpp: its own decode loop (llama_decode per token, argmax in numpy). RSS: ru_maxrss of the worker "
+        "(llama.cpp maps the file: touched pages count).",
     ]
     loads = {f"jax {k}": v.get("other_load_cores") for k, v in jax_rows.items() if v}
     loads |= {f"llama {k}": v.get("other_load_cores") for k, v in llama_rows.items() if v}
@@ -361,11 +431,12 @@ def run_benchmark(args) -> int:
         )
     )
     print("\n".join(notes))
-    q4 = exports.get("q4_0")
-    q4_text = (
-        f"q4_0 export {q4['seconds']:.0f} s at {q4['peak_rss_gib']:.2f} GiB peak RSS" if q4 else "q4_0 export failed"
-    )
-    print(f"\nsummary: {create['config']}: {q4_text}; wall time {time.perf_counter() - wall:.0f} s")
+    ratios = []
+    for fmt, q in PAIRS:
+        ours, theirs = _rates(jax_rows.get(fmt), args.prompt_len), _rates(llama_rows.get(q), args.prompt_len)
+        ratios.append(f"{fmt} {ours[1] / theirs[1]:.2f}x {q}" if ours and theirs else f"{fmt} failed")
+    wall = time.perf_counter() - wall
+    print(f"\nsummary: {create['config']} decode vs llama.cpp: {', '.join(ratios)}; wall time {wall:.0f} s")
     return 0
 
 
@@ -376,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls per worker, best kept (default 3)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the workers, best kept (default 2)")
     parser.add_argument("--workdir", help="where checkpoint and GGUF files go (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--sdist", default=SDIST, help="llama-cpp-python 0.3.36 sdist (holds the Gemma 4 vocab)")

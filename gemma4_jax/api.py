@@ -356,8 +356,8 @@ def read_params(
 ) -> Params:
     """Every leaf of `source` as a JAX array of `dtype` (quantized checkpoints: packed weights), one at a time; the
     PLE table stays in host RAM or memory-mapped with `ple_mode` host/mmap. Non-finite weights are refused, naming
-    the tensor. `layout` "decode": the text decoder's matrices as `matvec.DecodeWeight`s (XLA:CPU decode at memory
-    bandwidth), made leaf by leaf while reading. With a `mesh`, each leaf goes straight onto its shards
+    the tensor. `layout` "decode": the text decoder's matrices (dense or packed) as `matvec.DecodeWeight`s (XLA:CPU
+    decode at memory bandwidth), made leaf by leaf while reading. With a `mesh`, each leaf goes straight onto its shards
     (`sharding.RULES`): each process reads the leaf (an orbax checkpoint: only the slices of its own devices) and
     transfers only its devices' shards, so no device ever holds a whole sharded tensor."""
     from gemma4_jax import matvec
@@ -373,6 +373,8 @@ def read_params(
             nbytes = 0
         elif isinstance(source, QuantizedSource):
             value = source.load_weight(leaf, dtype)
+            if layout == "decode" and matvec.uses_decode_layout(leaf) and not isinstance(value, jax.Array):
+                value = matvec.to_decode_weight(value, leaf)  # packed codes, cut into the decode layout's chunks
             nbytes = 0
         elif mesh is not None:
             value = _read_sharded(source, leaf, np_dtype(param_spec.leaf_dtype(leaf, dtype)), mesh, check_finite)

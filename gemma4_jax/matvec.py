@@ -14,6 +14,11 @@ dot on a slice of one stacked array makes XLA copy the slice for the library cal
   reshape, a convert) into the loop and recomputes it per weight element (6x slower);
 - several rows (batched decode, prefill): per chunk one dot of the stored dtype with a float32 result, which
   XLA:CPU runs natively (YNNPACK) on the chunk as stored.
+Quantized weights (int8, int4, GGUF Q8_0/Q4_0, SFP8) keep their codec's bytes and are cut into the same chunks,
+their block scales with them. At one row the dequantization (convert, block scale) is elementwise inside the same
+fused 1-D dot (int8: ~28 GB/s; 4-bit: two dots per chunk, one per nibble, ~8.5 GB/s of packed bytes: bound by
+the per-element work, not by memory); per-channel and per-tensor scales multiply the result. At several rows each
+chunk is dequantized into the compute dtype a block at a time just before its native dot (`_dequantized_dots`).
 `decode_layout` converts a parameter tree; GPU/TPU keep the checkpoint layout and their native dots.
 """
 
@@ -36,33 +41,45 @@ _LAYOUT_CLASSES = (param_spec.MATRIX, param_spec.PLE_PROJECTION, param_spec.PLE_
 _SPARE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # for "..." in an equation (the model's equations are lower case)
 
 
-def chunks_of(n_in: int) -> int:
-    """The number of equal column chunks of at most MAX_CHUNK a contracted length is cut into."""
-    n = -(-n_in // MAX_CHUNK)
-    while n_in % n:
-        n += 1
-    return n
+def chunks_of(n_in: int, span: int = 1) -> int:
+    """The number of equal column chunks a contracted length is cut into: the fewest of at most MAX_CHUNK, each a
+    whole number of `span`s (a quantization block, in codes); if no such cut exists, chunks of one span each."""
+    fits = [n for n in range(1, n_in + 1) if n_in % n == 0 and (n_in // n) % span == 0]
+    return next((n for n in fits if n_in // n <= MAX_CHUNK), fits[-1] if fits else 1)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["shape", "perm", "ncontract"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["data", "scales"],
+    meta_fields=["shape", "perm", "ncontract", "format", "block", "compute_dtype"],
+)
 @dataclasses.dataclass(frozen=True)
 class DecodeWeight:
-    """A dense weight of logical (official-layout) `shape` stored in column chunks for XLA:CPU (see the module doc):
-    `data` = n arrays [out, chunk], the stored layout (axes `perm`, the last `ncontract` contracted) as [out, in]
-    cut into n chunks of columns."""
+    """A weight of logical (official-layout) `shape` stored in column chunks for XLA:CPU (see the module doc):
+    `data` = n arrays [out, width], the stored layout (axes `perm`, the last `ncontract` contracted) as [out, in]
+    cut into n chunks of columns: the weights themselves, or a quantized weight's codes (`format`, `block` as in
+    `quant.QuantizedWeight`, computing in `compute_dtype`) with their `scales`: n arrays [out, blocks of the chunk],
+    or one [out] (per channel) or one scalar (SFP8) applied to the result. The bytes are the codec's own: a 4-bit
+    chunk keeps ggml's nibble order (low nibble element j of a block, high nibble j + block/2), and the activation
+    row is permuted to match instead (`_code_order`)."""
 
     data: Any
     shape: tuple[int, ...]
     perm: tuple[int, ...]
     ncontract: int
+    scales: Any = None
+    format: str | None = None
+    block: int | None = None
+    compute_dtype: Any = None
 
     @property
     def dtype(self):
-        return self.data[0].dtype
+        return self.data[0].dtype if self.format is None else self.compute_dtype
 
     @property
     def nbytes(self) -> int:
-        return sum(int(chunk.size * chunk.dtype.itemsize) for chunk in self.data)
+        arrays = [*self.data, *(jax.tree.leaves(self.scales))]
+        return sum(int(a.size * a.dtype.itemsize) for a in arrays)
 
     def _stored_shape(self) -> tuple[int, ...]:
         return tuple(self.shape[p] for p in self.perm)
@@ -79,13 +96,31 @@ class DecodeWeight:
         batch = "".join(c for c in lhs if c not in contracted)
         rows = jnp.einsum(f"{lhs}->{batch}{contracted}", x)  # a transpose, usually the identity
         batch_shape = rows.shape[: len(batch)]
-        y = matmul(rows.reshape(math.prod(batch_shape), -1), self.data)
+        y = matmul(rows.reshape(math.prod(batch_shape), -1), self)
         y = y.reshape(*batch_shape, *self._stored_shape()[: len(kept)])
         return jnp.einsum(f"{batch}{kept}->{out}", y).astype(x.dtype)
 
+    def checkpoint_weight(self):
+        """The weight as the checkpoint holds it: a dense array (official layout) or a `quant.QuantizedWeight`."""
+        codes = jnp.concatenate(self.data, axis=1) if len(self.data) > 1 else self.data[0]
+        if self.format is None:
+            return jnp.transpose(codes.reshape(self._stored_shape()), np.argsort(self.perm))
+        from gemma4_jax.quant.weight import QuantizedWeight
+
+        rows = self._stored_shape()[: len(self.shape) - self.ncontract]
+        if isinstance(self.scales, tuple):
+            scales = jnp.concatenate(self.scales, axis=1) if len(self.scales) > 1 else self.scales[0]
+        else:
+            scales = self.scales
+        scales = scales if self.format == "sfp8" else scales.reshape(*rows, -1)
+        return QuantizedWeight(
+            codes.reshape(*rows, -1), scales, self.format, self.block, self.shape, self.perm, self.ncontract,
+            self.compute_dtype,
+        )  # fmt: skip
+
     def materialize(self, dtype):
-        stored = jnp.concatenate(self.data, axis=1).reshape(self._stored_shape())
-        return jnp.transpose(stored, np.argsort(self.perm)).astype(dtype)
+        weight = self.checkpoint_weight()
+        return weight.astype(dtype) if self.format is None else weight.materialize(dtype)
 
     def reshape(self, *shape):
         """Merges/splits leading uncontracted axes (as `gating.reshape(2F, D)`); the data is unchanged."""
@@ -104,32 +139,150 @@ def _own_buffer(row):
     return jax.lax.cumsum(jnp.stack([jnp.zeros_like(row), row]), axis=0)[1]
 
 
-def matmul(x, data):
-    """x [M, IN] @ (data: n chunks [OUT, C], as [OUT, n·C]).T -> [M, OUT] float32 (see the module doc)."""
-    c = data[0].shape[1]
+def _is_4bit(w: DecodeWeight) -> bool:
+    return w.format in ("int4", "q4_0")
+
+
+def _code_order(x, w: DecodeWeight):
+    """x [M, IN] with its columns in the order the pieces of `w` read them: as is, or for 4-bit codes (two elements
+    per byte, block b: low nibble element j, high nibble j + b/2 of the block) every block's first halves, then
+    every block's second halves, so that byte m pairs with column m of each half."""
+    if not _is_4bit(w):
+        return x
+    b = w.block or x.shape[1]
+    halves = x.reshape(x.shape[0], -1, 2, b // 2)
+    return jnp.concatenate([halves[:, :, 0].reshape(x.shape[0], -1), halves[:, :, 1].reshape(x.shape[0], -1)], 1)
+
+
+def _pieces(w: DecodeWeight):
+    """(column offset in code order, chunk index, nibble) of each dot: one per chunk, two for 4-bit codes."""
+    width = w.data[0].shape[1]
+    if not _is_4bit(w):
+        return [(k * width, k, None) for k in range(len(w.data))]
+    half = width * len(w.data)
+    return [(nib * half + k * width, k, nib) for nib in (0, 1) for k in range(len(w.data))]
+
+
+def _piece_weight(w: DecodeWeight, k: int, nibble, rows=slice(None), zero=None):
+    """Chunk k (one nibble of it for 4-bit codes; output rows `rows`) as float32 [out, width] with its block scales
+    applied; per channel / per tensor scales come after the dot. Elementwise, so XLA:CPU fuses it into the matvec
+    loop. `zero` (0.0, added) makes the dequantization wait for whatever produced it (`_wait_for`)."""
+    codes = w.data[k][rows]
+    if w.format is None:
+        q = codes.astype(jnp.float32)
+    elif w.format == "sfp8":
+        from gemma4_jax.quant.weight import sfp8_decode_jax
+
+        q = sfp8_decode_jax(codes)
+    else:
+        if nibble is not None:
+            codes = ((codes & 0x0F) if nibble == 0 else (codes >> 4)).astype(jnp.int8) - 8
+        q = codes.astype(jnp.float32)
+    q = q if zero is None else q + zero
+    if w.format is None or not isinstance(w.scales, tuple):
+        return q
+    scales = w.scales[k][rows].astype(jnp.float32)
+    out, width = q.shape
+    return (q.reshape(out, scales.shape[1], width // scales.shape[1]) * scales[..., None]).reshape(out, width)
+
+
+DEQUANTIZED_BLOCK = 1 << 22  # weight elements dequantized at a time for several activation rows (8 MB in bf16)
+
+
+def _wait_for(y):
+    """A float32 zero computed from `y` (one element times 0, which XLA does not fold: not an identity in IEEE
+    arithmetic): added to a dequantization, it keeps XLA:CPU from scheduling every block's dequantization at the
+    start of the step, a temporary the size of the model in the compute dtype (measured on E2B int8: 2x the
+    weight bytes; a zero through an optimization barrier gets folded). An Inf or NaN in that element of `y` makes
+    the result NaN, which such an activation already is on its way to."""
+    return y.reshape(-1)[0].astype(jnp.float32) * 0.0
+
+
+def _dequantized_dots(rows, w: DecodeWeight):
+    """rows [M, IN] (code order, compute dtype) @ quantized w -> [M, OUT] float32 parts, one per piece: each piece
+    dequantized DEQUANTIZED_BLOCK elements at a time into the compute dtype and written out (a dequantization fused
+    into the dot's operand is no library call: E2B int8 prefill 4x slower), then XLA:CPU's native dot on it; each
+    block waits for the previous dot, so one block is alive at a time."""
+    out, width = w.data[0].shape
+    step = max(1, DEQUANTIZED_BLOCK // width)
+    parts, previous = [], rows
+    for c, k, nib in _pieces(w):
+        blocks = []
+        for start in range(0, out, step):
+            block = _piece_weight(w, k, nib, slice(start, start + step), _wait_for(previous)).astype(w.dtype)
+            block = jax.lax.optimization_barrier(block)
+            previous = jnp.einsum("mi,oi->mo", rows[:, c : c + width], block, preferred_element_type=jnp.float32)
+            blocks.append(previous)
+        parts.append(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1))
+    return parts
+
+
+def matmul(x, w: DecodeWeight):
+    """x [M, IN] @ w (as [OUT, IN]).T -> [M, OUT] float32 (see the module doc)."""
     f32 = jnp.float32
+    x = _code_order(x, w)
+    width = w.data[0].shape[1]
     if x.shape[0] == 1:
         row = _own_buffer(x[0].astype(f32))
-        parts = [jnp.dot(row[k * c : (k + 1) * c], chunk.T.astype(f32)) for k, chunk in enumerate(data)]
-    else:
-        rows = x.astype(data[0].dtype)
+        parts = [jnp.dot(row[c : c + width], _piece_weight(w, k, nib).T) for c, k, nib in _pieces(w)]
+    elif w.format is None:
+        rows = x.astype(w.dtype)
         parts = [
-            jnp.einsum("mi,oi->mo", rows[:, k * c : (k + 1) * c], chunk, preferred_element_type=f32)
-            for k, chunk in enumerate(data)
+            jnp.einsum("mi,oi->mo", rows[:, c : c + width], w.data[k], preferred_element_type=f32)
+            for c, k, _ in _pieces(w)
         ]
-    return parts[0] if len(parts) == 1 else sum(jax.lax.reduce_precision(p, 8, 23) for p in parts)
+    else:
+        parts = _dequantized_dots(x.astype(w.dtype), w)
+    y = parts[0] if len(parts) == 1 else sum(jax.lax.reduce_precision(p, 8, 23) for p in parts)
+    if w.format is not None and not isinstance(w.scales, tuple):  # per channel [out] or per tensor (SFP8)
+        y = y * w.scales.astype(f32)
+    return y
+
+
+def as_decode_weight(w) -> DecodeWeight | None:
+    """A [out, in] table (the tied embedding) or a `quant.QuantizedWeight` whose contracted codes fit one chunk,
+    viewed as a one-chunk DecodeWeight over the same arrays (reshapes only, no copy); None when it needs more
+    chunks or is another weight object."""
+    from gemma4_jax.quant.weight import QuantizedWeight
+
+    if isinstance(w, QuantizedWeight):
+        out, width = math.prod(w.codes.shape[:-1]), w.codes.shape[-1]
+        if width > MAX_CHUNK:
+            return None
+        return DecodeWeight(
+            (w.codes.reshape(out, width),), w.shape, w.perm, w.ncontract, _decode_scales(w, out, 1), w.format,
+            w.block, w.dtype,
+        )  # fmt: skip
+    if isinstance(w, jax.Array | np.ndarray) and w.ndim == 2 and w.shape[1] <= MAX_CHUNK:
+        return DecodeWeight((w,), tuple(w.shape), (0, 1), 1)
+    return None
+
+
+def _decode_scales(w, out: int, n: int, split=None):
+    """A QuantizedWeight's scales as DecodeWeight.scales for n chunks: block scales [out, blocks] cut into n
+    column chunks (with `split`, numpy's, else as the one chunk), per channel [out], per tensor as they are."""
+    if w.format == "sfp8":
+        return w.scales
+    scales = w.scales.reshape(out, -1)
+    if w.block is None:
+        return scales.reshape(out)
+    if n == 1:
+        return (scales,)
+    return tuple(jnp.asarray(np.ascontiguousarray(part)) for part in split(np.asarray(scales), n, axis=1))
 
 
 def fused_lm_head(x, table) -> bool:
-    """Whether the tied LM head takes the fused 1-D form: XLA:CPU, 16/32-bit table, one row, D <= MAX_CHUNK."""
-    return wanted(table.dtype) and math.prod(x.shape[:-1]) == 1 and x.shape[-1] <= MAX_CHUNK
+    """Whether the tied LM head goes through `matmul` here: on XLA:CPU, a 16/32-bit or quantized table (computing
+    in one) whose D fits one chunk, for one row (the fused 1-D form) or, quantized, for several (dequantized a
+    block at a time instead of whole)."""
+    view = as_decode_weight(table) if wanted(table.dtype) else None
+    return view is not None and (math.prod(x.shape[:-1]) == 1 or view.format is not None)
 
 
 def lm_head(x, table):
-    """The tied LM head for one row (`fused_lm_head`): x [1, 1, D] @ table [V, D].T -> [1, 1, V] float32. The
-    table is [out, in] already, so this is the fused 1-D form without any re-layout."""
-    row = _own_buffer(x.reshape(-1).astype(jnp.float32))
-    return jnp.dot(row, table.T.astype(jnp.float32)).reshape(1, 1, -1)
+    """The tied LM head (`fused_lm_head`): x [..., D] @ table [V, D].T -> [..., V] float32. The table is [out, in]
+    already: the decode layout's one chunk without any re-layout."""
+    return matmul(x.reshape(-1, x.shape[-1]), as_decode_weight(table)).reshape(*x.shape[:-1], -1)
 
 
 def uses_decode_layout(leaf: param_spec.Leaf) -> bool:
@@ -141,15 +294,39 @@ def uses_decode_layout(leaf: param_spec.Leaf) -> bool:
 
 
 def data_shape(leaf: param_spec.Leaf) -> tuple[int, int, int]:
-    """(n, out, chunk): a leaf's DecodeWeight data is n arrays [out, chunk]."""
+    """(n, out, chunk): a dense leaf's DecodeWeight data is n arrays [out, chunk]."""
     stored = [leaf.shape[p] for p in leaf.perm]
     n_in = math.prod(stored[len(stored) - leaf.ncontract :])
     n = chunks_of(n_in)
     return n, math.prod(stored) // n_in, n_in // n
 
 
+def _block_span(w) -> int:
+    """Codes per quantization block along a row (1 when the scale does not vary along it)."""
+    if w.format == "sfp8" or w.block is None:
+        return 1
+    return w.block // 2 if w.format in ("int4", "q4_0") else w.block
+
+
+def quantized_chunks(w) -> tuple[int, int, int]:
+    """(out, codes per row, n chunks) of a `quant.QuantizedWeight` in the decode layout."""
+    out, width = math.prod(w.codes.shape[:-1]), w.codes.shape[-1]
+    return out, width, chunks_of(width, _block_span(w))
+
+
 def to_decode_weight(w, leaf: param_spec.Leaf) -> DecodeWeight:
-    """One dense leaf (official layout) as a DecodeWeight; numpy in, each chunk's device array built once."""
+    """One leaf as a DecodeWeight: a dense array (official layout; numpy in) or a `quant.QuantizedWeight` (its
+    codes and scales cut into chunks, bytes unchanged); each chunk's device array built once."""
+    from gemma4_jax.quant.weight import QuantizedWeight
+
+    if isinstance(w, QuantizedWeight):
+        if tuple(w.perm) != tuple(leaf.perm) or w.ncontract != leaf.ncontract:
+            raise ValueError(f"{leaf.name}: the quantized weight's layout is not the parameter spec's")
+        out, width, n = quantized_chunks(w)
+        codes = np.asarray(jax.device_get(w.codes)).reshape(out, width)
+        data = tuple(jnp.asarray(np.ascontiguousarray(c)) for c in np.split(codes, n, axis=1))
+        scales = _decode_scales(w, out, n, np.split)
+        return DecodeWeight(data, tuple(w.shape), tuple(w.perm), w.ncontract, scales, w.format, w.block, w.dtype)
     n, rows, chunk = data_shape(leaf)
     matrix = np.transpose(np.asarray(w), leaf.perm).reshape(rows, n * chunk)
     data = tuple(jnp.asarray(np.ascontiguousarray(matrix[:, k * chunk : (k + 1) * chunk])) for k in range(n))
@@ -157,9 +334,10 @@ def to_decode_weight(w, leaf: param_spec.Leaf) -> DecodeWeight:
 
 
 def decode_layout(params, config: Gemma4Config):
-    """`params` with each dense leaf that `uses_decode_layout` stored chunk-major, converted leaf by leaf (the
-    old array is released before the next one is made). Weight objects (quantized, LoRA) stay as they are."""
+    """`params` with each dense or quantized leaf that `uses_decode_layout` stored chunk-major, converted leaf by
+    leaf (the old array is released before the next one is made). Other weight objects (LoRA) stay as they are."""
     from gemma4_jax.model import is_dense, tree_get, tree_set
+    from gemma4_jax.quant.weight import QuantizedWeight
 
     out = jax.tree_util.tree_map(lambda x: x, params, is_leaf=lambda x: not isinstance(x, dict))
     for leaf in param_spec.param_spec(config):
@@ -169,8 +347,8 @@ def decode_layout(params, config: Gemma4Config):
             w = tree_get(out, leaf.path)
         except KeyError:
             continue
-        if is_dense(w):
-            tree_set(out, leaf.path, to_decode_weight(jax.device_get(w), leaf))
+        if is_dense(w) or isinstance(w, QuantizedWeight):
+            tree_set(out, leaf.path, to_decode_weight(w if isinstance(w, QuantizedWeight) else jax.device_get(w), leaf))
             del w
     return out
 
@@ -189,9 +367,10 @@ def is_decode_weight(x) -> bool:
 
 
 def checkpoint_layout(params):
-    """`params` with every DecodeWeight back in the official layout (for what reads or transforms weights as
-    stored: quantization, LoRA training); the tree itself when it has none."""
+    """`params` with every DecodeWeight back in the official layout, quantized ones as `quant.QuantizedWeight`s
+    (for what reads or transforms weights as stored: quantization, saving, LoRA training); the tree itself when it
+    has none."""
     if not any(is_decode_weight(w) for w in jax.tree.leaves(params, is_leaf=is_decode_weight)):
         return params
-    official = lambda w: w.materialize(w.dtype) if is_decode_weight(w) else w  # noqa: E731
+    official = lambda w: w.checkpoint_weight() if is_decode_weight(w) else w  # noqa: E731
     return jax.tree.map(official, params, is_leaf=is_decode_weight)

@@ -496,10 +496,10 @@ class Embedder(nn.Module):
     def decode(self, x: Array) -> Array:
         """Tied LM head: [B, T, D] -> [B, T, V] logits in >= float32."""
         table = self.input_embedding
+        if matvec.fused_lm_head(x, table):  # XLA:CPU: one row, or a quantized table
+            return matvec.lm_head(x, table)
         if not is_dense(table):
             return table.einsum("btd,vd->btv", x).astype(_accum_dtype(x.dtype))
-        if matvec.fused_lm_head(x, table):  # XLA:CPU, one row
-            return matvec.lm_head(x, table)
         return jnp.einsum("btd,vd->btv", x, table.astype(x.dtype), preferred_element_type=_accum_dtype(x.dtype))
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from gemma4_jax import config, matvec, model, param_spec
 from gemma4_jax.model import tree_get, tree_set
+from gemma4_jax.quant.weight import stored_rows
 from gemma4_jax.sampler import Sampler, _jitted
 
 # Equations of the model's weight contractions, by leaf suffix (`model.py`); x gets shape [B, T, ...].
@@ -72,6 +73,60 @@ def test_contractions_equal_float64(dtype, max_chunk, monkeypatch):
     assert checked > 40
 
 
+QUANT_SPECS = ["int8/channel", "int8/16", "q8_0", "int4/32", "int4/channel", "q4_0", "sfp8"]
+
+
+@pytest.mark.parametrize("max_chunk", [matvec.MAX_CHUNK, 16])
+@pytest.mark.parametrize("spec_text", QUANT_SPECS)
+def test_quantized_contractions_equal_float64(spec_text, max_chunk, monkeypatch):
+    """Each decode-layout leaf of the tiny models quantized in each format, in the decode layout, for 1 and several
+    activation rows, vs numpy float64 on the dequantized weight: <= 2e-6 of max |y| computing in float32, <= 2^-7
+    in bf16. The codes and scales come back bit for bit (`checkpoint_weight`), and a one-chunk quantized table
+    (the tied LM head) reads its own arrays."""
+    from gemma4_jax.quant import parse_spec
+    from gemma4_jax.quant.weight import QuantizedWeight, quantize_leaf
+
+    monkeypatch.setattr(matvec, "MAX_CHUNK", max_chunk)
+    spec = parse_spec(spec_text)
+    rng = np.random.default_rng(1)
+    checked = 0
+    for name in ("tiny", "tiny_keqv"):
+        for leaf in _leaves(config.get_config(name)):
+            eqn = next((e for suffix, e in EQUATIONS.items() if "/".join(leaf.path).endswith(suffix)), None)
+            _, c = stored_rows(leaf)
+            if eqn is None or c % (spec.block or 2):
+                continue
+            for dtype, tol in ((jnp.float32, 2e-6), (jnp.bfloat16, 2.0**-7)):
+                q = quantize_leaf(jnp.asarray(rng.normal(size=leaf.shape), jnp.float32), spec, leaf, dtype)
+                w = np.asarray(q.materialize(jnp.float32), np.float64)
+                weight = matvec.to_decode_weight(q, leaf)
+                assert weight.format == spec.format and weight.nbytes == q.nbytes
+                # A chunk holds whole blocks: with max_chunk 16, a 32-block (Q8_0) stays one chunk
+                assert all(chunk.shape[1] <= max(max_chunk, matvec._block_span(q)) for chunk in weight.data)
+                for rows in ((1, 1), (2, 1), (2, 8)):
+                    x = np.asarray(jnp.asarray(rng.normal(size=_x_shape(eqn, leaf, rows)), dtype), np.float64)
+                    want = np.einsum(eqn, x, w)
+                    got = np.asarray(weight.einsum(eqn, jnp.asarray(x, dtype)), np.float64)
+                    err = np.abs(got - want).max() / np.abs(want).max()
+                    assert err <= tol, (name, leaf.name, dtype, rows, err)
+                    checked += 1
+                back = weight.checkpoint_weight()
+                assert isinstance(back, QuantizedWeight) and back.spec == q.spec and back.dtype == q.dtype
+                for a, b in ((back.codes, q.codes), (back.scales, q.scales)):
+                    assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    assert checked > 20
+    cfg = config.get_config("tiny")
+    leaf = param_spec.leaf_of(cfg, ("embedder", "input_embedding"))
+    table = quantize_leaf(jnp.asarray(rng.normal(size=leaf.shape), jnp.float32), spec, leaf, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(1, 1, leaf.shape[1])), jnp.float32)
+    assert matvec.fused_lm_head(x, table) == (leaf.shape[1] <= max_chunk)  # one chunk, read in place
+    if leaf.shape[1] > max_chunk:
+        return
+    want = np.einsum("btd,vd->btv", np.asarray(x, np.float64), np.asarray(table.materialize(jnp.float32), np.float64))
+    got = np.asarray(jax.jit(matvec.lm_head)(x, table), np.float64)
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny_keqv", "tiny_moe"])
 @pytest.mark.parametrize("max_chunk", [matvec.MAX_CHUNK, 16])
 def test_greedy_unchanged(name, max_chunk, monkeypatch):
@@ -92,6 +147,27 @@ def test_greedy_unchanged(name, max_chunk, monkeypatch):
     assert Sampler(cfg, fast).generate(prompts, 64).tokens == Sampler(cfg, params).generate(prompts, 64).tokens
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4", "q4_0", "sfp8"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_keqv"])
+def test_quantized_greedy_unchanged(name, fmt):
+    """Quantized weights computing in float32: 64 greedy tokens identical in the decode layout and as packed
+    `QuantizedWeight`s in the checkpoint layout (the LM head's fused form included), logits within float32
+    round-off."""
+    from gemma4_jax.quant import JaxPolicy, quantize_params
+
+    cfg = config.get_config(name)
+    packed = quantize_params(model.init_params(cfg, seed=3, dtype=jnp.float32), cfg, JaxPolicy(fmt))
+    fast = matvec.decode_layout(packed, cfg)
+    kinds = {w.format for w in jax.tree.leaves(fast, is_leaf=matvec.is_decode_weight) if matvec.is_decode_weight(w)}
+    assert fmt in kinds
+    tokens = np.asarray([[2, 5, 9, 33, 17, 4, 90, 11]])
+    a, b = (np.asarray(model.apply(p, tokens, config=cfg)[0]) for p in (packed, fast))
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    prompts = [[2, 5, 9], [2, 40, 41, 42, 43]]
+    assert Sampler(cfg, fast).generate(prompts, 64).tokens == Sampler(cfg, packed).generate(prompts, 64).tokens
+    assert Sampler(cfg, fast).generate(prompts[:1], 64).tokens == Sampler(cfg, packed).generate(prompts[:1], 64).tokens
+
+
 def _abstract_decode_layout(cfg, tree):
     """`matvec.decode_layout` on shapes only (a full-size model compiles without its weights)."""
     for leaf in _leaves(cfg):
@@ -101,10 +177,44 @@ def _abstract_decode_layout(cfg, tree):
     return tree
 
 
+def _abstract_quantized(cfg, tree, fmt):
+    """`quant.quantize_params(tree, JaxPolicy(fmt))` then `matvec.decode_layout`, on shapes only."""
+    from gemma4_jax.quant import JaxPolicy
+    from gemma4_jax.quant.codecs import FLOAT, code_shapes
+    from gemma4_jax.quant.weight import QuantizedWeight
+
+    sds = jax.ShapeDtypeStruct
+    for leaf in param_spec.param_spec(cfg):
+        spec = JaxPolicy(fmt).choose(leaf)
+        try:
+            dtype = tree_get(tree, leaf.path).dtype
+        except KeyError:
+            continue
+        if spec.format == FLOAT:
+            continue
+        codes, codes_dtype, scales, scales_dtype = code_shapes(spec, *stored_rows(leaf))
+        w = QuantizedWeight(
+            sds(codes, codes_dtype), sds(scales, scales_dtype), spec.format, spec.block, leaf.shape, leaf.perm,
+            leaf.ncontract, dtype,
+        )  # fmt: skip
+        if matvec.uses_decode_layout(leaf):
+            out, width, n = matvec.quantized_chunks(w)
+            if spec.format == "sfp8":
+                chunk_scales = w.scales
+            elif spec.block is None:
+                chunk_scales = sds((out,), scales_dtype)
+            else:
+                chunk_scales = (sds((out, scales[-1] // n), scales_dtype),) * n
+            data = (sds((out, width // n), codes_dtype),) * n
+            w = matvec.DecodeWeight(data, w.shape, w.perm, w.ncontract, chunk_scales, w.format, w.block, dtype)
+        tree_set(tree, leaf.path, w)
+    return tree
+
+
 def _matvec_activation_operands(hlo: str) -> dict[str, list[str]]:
     """For each loop fusion of the entry computation whose dot reads a weight (a parameter of >= 2^18 elements; the
-    attention's library dots over the cache are custom fusions): the shapes of its other parameters, the
-    activations."""
+    attention's library dots over the cache are custom fusions): the shapes of its other parameters but the
+    weight's block scales, the activations."""
     bodies, name = {}, None
     for line in hlo.splitlines():
         if line and not line.startswith(" ") and line.rstrip().endswith("{"):
@@ -119,46 +229,72 @@ def _matvec_activation_operands(hlo: str) -> dict[str, list[str]]:
         if not match or not any(" dot(" in b for b in bodies.get(match.group(2), ())):
             continue
         params = [re.search(r"= (\S+?)\{", b).group(1) for b in bodies[match.group(2)] if " parameter(" in b]
-        sizes = [math.prod(int(d) for d in re.findall(r"\d+", p.split("[")[1])) for p in params]
+        dims = [[int(d) for d in re.findall(r"\d+", p.split("[")[1].split("]")[0])] for p in params]
+        sizes = [math.prod(d) for d in dims]
         if max(sizes) >= 1 << 18:
-            out[match.group(1)] = [p for p, size in zip(params, sizes, strict=True) if size < 1 << 18]
+            rows = dims[sizes.index(max(sizes))][0]  # block scales [rows, blocks] are the weight's, not activations
+            out[match.group(1)] = [
+                p for p, d, size in zip(params, dims, sizes, strict=True) if size < 1 << 18 and d[:1] != [rows]
+            ]
     return out
 
 
-def test_full_size_decode_step_has_no_weight_temporaries():
-    """The compiled decode step of full-size E2B (bf16, PLE table on the host) keeps its temporaries under 1% of the
-    weight bytes in the decode layout at batch 1 (measured 2.8 MB of 4.6 GB) and under 5% at batch 4 (measured 2.6%:
-    attention's float32 copies of the 1024-token cache; dots on slices of a stacked [n, out, chunk] array used to
-    copy every multi-chunk weight, 1.1 GB); in the
-    checkpoint layout XLA:CPU converts every weight to float32 up front (measured 7.5 GB), which is what the layout
-    is for."""
+def _compiled_step(cfg, tree, batch):
     from gemma4_jax.sampler import SamplingConfig
 
+    cache = jax.eval_shape(lambda: model.init_cache(cfg, batch, 1024, jnp.bfloat16))
+    rows = jax.ShapeDtypeStruct((batch, 1, cfg.num_layers, cfg.per_layer_input_dim), jnp.bfloat16)
+    pos = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return _jitted["step"].lower(cfg, SamplingConfig(), tree, pos, pos, cache, jax.random.key(0), rows).compile()
+
+
+# (weights, layout, batch) -> the most temporary bytes of the compiled E2B decode step per weight byte
+TEMPORARY_BOUNDS = {
+    ("bf16", "checkpoint", 1): None,  # checked from below: XLA:CPU converts every weight to float32 up front
+    ("bf16", "decode", 1): 0.01,  # measured 2.8 MB of 4.6 GB
+    ("bf16", "decode", 4): 0.05,  # 2.6%: attention's float32 copies of the 1024-token cache
+    ("int8", "decode", 1): 0.01,  # 0.3-0.5% for every quantized format
+    ("int8", "decode", 4): 0.1,  # 5.8% (dequantizing a block at a time; every block up front: 238%)
+    ("int4", "decode", 1): 0.01,
+    ("int4", "decode", 4): 0.15,  # 8.0%
+    ("q4_0", "decode", 1): 0.01,
+    ("sfp8", "decode", 1): 0.01,
+}
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "q4_0", "sfp8"])
+def test_full_size_decode_step_has_no_weight_temporaries(fmt):
+    """The compiled decode step of full-size E2B (PLE table on the host) in the decode layout keeps its temporaries
+    a small fraction of the weight bytes (`TEMPORARY_BOUNDS`), for each weight format: at batch 1 every
+    contraction is a fused 1-D dot reading the stored bytes; at batch 4 quantized chunks are dequantized layer by
+    layer, not all up front. In the checkpoint layout XLA:CPU converts every bf16 weight to float32 up front
+    (measured 7.5 GB), which is what the layout is for."""
     cfg = config.get_config("e2b").text_only()
     temps = {}
-    for layout, batch in (("checkpoint", 1), ("decode", 1), ("decode", 4)):
+    for (weights, layout, batch), bound in TEMPORARY_BOUNDS.items():
+        if weights != fmt:
+            continue
         tree = model.param_shapes(cfg, jnp.bfloat16)
         tree["embedder"].pop("per_layer_embeddings")
-        if layout == "decode":
+        if fmt != "bf16":
+            tree = _abstract_quantized(cfg, tree, fmt)
+        elif layout == "decode":
             tree = _abstract_decode_layout(cfg, tree)
-        leaves = jax.tree.leaves(tree)
-        weight_bytes = sum(int(np.prod(w.shape)) * jnp.dtype(w.dtype).itemsize for w in leaves)
-        cache = jax.eval_shape(lambda: model.init_cache(cfg, batch, 1024, jnp.bfloat16))  # noqa: B023
-        rows = jax.ShapeDtypeStruct((batch, 1, cfg.num_layers, cfg.per_layer_input_dim), jnp.bfloat16)
-        pos = jax.ShapeDtypeStruct((batch,), jnp.int32)
-        step = _jitted["step"].lower(cfg, SamplingConfig(), tree, pos, pos, cache, jax.random.key(0), rows).compile()
+        weight_bytes = sum(int(np.prod(w.shape)) * jnp.dtype(w.dtype).itemsize for w in jax.tree.leaves(tree))
+        step = _compiled_step(cfg, tree, batch)
         temps[layout, batch] = step.memory_analysis().temp_size_in_bytes / weight_bytes
-        if (layout, batch) == ("decode", 1):
+        if batch == 1 and layout == "decode":
             # Every weight's matvec reads its activation row from a float32 buffer of its own: a bf16 operand would
             # mean its convert/reshape/transpose is fused into the loop and recomputed per weight element.
             matvecs = _matvec_activation_operands(step.as_text())
             assert len(matvecs) >= 7 * cfg.num_layers  # q, k/v, o, gate/up, down, PLE gate and projection
             unmaterialized = {k: v for k, v in matvecs.items() if not all(p.startswith("f32[") for p in v)}
             assert not unmaterialized
-    print(f"decode-step temporaries / weight bytes: {temps}")
-    assert temps["decode", 1] < 0.01
-    assert temps["decode", 4] < 0.05
-    assert temps["checkpoint", 1] > 0.5
+        if bound is None:
+            assert temps[layout, batch] > 0.5
+        else:
+            assert temps[layout, batch] < bound, (fmt, layout, batch, temps)
+    print(f"{fmt}: decode-step temporaries / weight bytes: {temps}")
 
 
 def test_checkpoint_layout_round_trip_and_quantization():

@@ -222,7 +222,10 @@ def quantize_params(params, config, policy):
 
 
 def _is_quantized(x) -> bool:
-    return isinstance(x, QuantizedWeight)
+    """A packed weight: a QuantizedWeight, or one cut into the CPU decode layout (`matvec.DecodeWeight`)."""
+    from gemma4_jax.matvec import DecodeWeight
+
+    return isinstance(x, QuantizedWeight) or (isinstance(x, DecodeWeight) and x.format is not None)
 
 
 def weight_bytes(params) -> int:
