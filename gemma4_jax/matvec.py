@@ -218,7 +218,8 @@ def _dequantized_dots(rows, w: DecodeWeight):
 
 
 def matmul(x, w: DecodeWeight):
-    """x [M, IN] @ w (as [OUT, IN]).T -> [M, OUT] float32 (see the module doc)."""
+    """x [M, IN] @ w (as [OUT, IN]).T -> [M, OUT] float32, or [OUT] for one row (the fused 1-D form; callers
+    reshape). See the module doc."""
     f32 = jnp.float32
     x = _code_order(x, w)
     width = w.data[0].shape[1]
