@@ -16,8 +16,10 @@ dot on a slice of one stacked array makes XLA copy the slice for the library cal
   XLA:CPU runs natively (YNNPACK) on the chunk as stored.
 Quantized weights (int8, int4, GGUF Q8_0/Q4_0, SFP8) keep their codec's bytes and are cut into the same chunks,
 their block scales with them. At one row the dequantization (convert, block scale) is elementwise inside the same
-fused 1-D dot (int8: ~28 GB/s; 4-bit: two dots per chunk, one per nibble, ~8.5 GB/s of packed bytes: bound by
-the per-element work, not by memory); per-channel and per-tensor scales multiply the result. At several rows each
+fused 1-D dot (int8: ~28 GB/s; 4-bit: two dots per chunk, one per nibble, ~12 GB/s of packed bytes: bound by
+the per-element work, not by memory); per-channel and per-tensor scales multiply the result. 4-bit codes with
+blocks of 32 (int4, Q4_0) go to the compiled kernel instead where it is built (`kernels`: int8 activations as in
+llama.cpp, ~22 GB/s; `DecodeWeight.kernel`). At several rows each
 chunk is dequantized into the compute dtype a block at a time just before its native dot (`_dequantized_dots`).
 `decode_layout` converts a parameter tree; GPU/TPU keep the checkpoint layout and their native dots.
 """
@@ -33,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma4_jax import param_spec
+from gemma4_jax import kernels, param_spec
 from gemma4_jax.config import Gemma4Config
 
 MAX_CHUNK = 2048  # float32 values of the vector operand XLA:CPU still fuses into the matvec loop
@@ -51,7 +53,7 @@ def chunks_of(n_in: int, span: int = 1) -> int:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["data", "scales"],
-    meta_fields=["shape", "perm", "ncontract", "format", "block", "compute_dtype"],
+    meta_fields=["shape", "perm", "ncontract", "format", "block", "compute_dtype", "kernel"],
 )
 @dataclasses.dataclass(frozen=True)
 class DecodeWeight:
@@ -61,7 +63,9 @@ class DecodeWeight:
     `quant.QuantizedWeight`, computing in `compute_dtype`) with their `scales`: n arrays [out, blocks of the chunk],
     or one [out] (per channel) or one scalar (SFP8) applied to the result. The bytes are the codec's own: a 4-bit
     chunk keeps ggml's nibble order (low nibble element j of a block, high nibble j + block/2), and the activation
-    row is permuted to match instead (`_code_order`)."""
+    row is permuted to match instead (`_code_order`). `kernel`: how one activation row meets 4-bit codes with
+    blocks of 32: "ffi" the compiled kernel, "jax" its pure-JAX twin (`kernels`; int8 activations, as llama.cpp),
+    None XLA's float32 form."""
 
     data: Any
     shape: tuple[int, ...]
@@ -71,6 +75,7 @@ class DecodeWeight:
     format: str | None = None
     block: int | None = None
     compute_dtype: Any = None
+    kernel: str | None = None
 
     @property
     def dtype(self):
@@ -221,8 +226,13 @@ def matmul(x, w: DecodeWeight):
     """x [M, IN] @ w (as [OUT, IN]).T -> [M, OUT] float32, or [OUT] for one row (the fused 1-D form; callers
     reshape). See the module doc."""
     f32 = jnp.float32
-    x = _code_order(x, w)
     width = w.data[0].shape[1]
+    if x.shape[0] == 1 and w.kernel is not None:
+        q4 = kernels.q4_matvec if w.kernel == "ffi" else kernels.q4_matvec_reference
+        row = x[0].astype(f32)  # in element order: the kernel unpacks the nibbles itself
+        parts = [q4(row[2 * width * k : 2 * width * (k + 1)], w.data[k], w.scales[k]) for k in range(len(w.data))]
+        return parts[0] if len(parts) == 1 else sum(jax.lax.reduce_precision(p, 8, 23) for p in parts)
+    x = _code_order(x, w)
     if x.shape[0] == 1:
         row = _own_buffer(x[0].astype(f32))
         parts = [jnp.dot(row[c : c + width], _piece_weight(w, k, nib).T) for c, k, nib in _pieces(w)]
@@ -315,6 +325,12 @@ def quantized_chunks(w) -> tuple[int, int, int]:
     return out, width, chunks_of(width, _block_span(w))
 
 
+def kernel_for(fmt: str | None, block: int | None, scales_dtype) -> str | None:
+    """`DecodeWeight.kernel` for quantized weights of `fmt` / `block` / block scales of `scales_dtype` here: "ffi"
+    where the compiled kernel takes them and runs on this machine, else None."""
+    return "ffi" if kernels.q4_fits(fmt, block, scales_dtype) and kernels.q4_available() else None
+
+
 def to_decode_weight(w, leaf: param_spec.Leaf) -> DecodeWeight:
     """One leaf as a DecodeWeight: a dense array (official layout; numpy in) or a `quant.QuantizedWeight` (its
     codes and scales cut into chunks, bytes unchanged); each chunk's device array built once."""
@@ -327,7 +343,10 @@ def to_decode_weight(w, leaf: param_spec.Leaf) -> DecodeWeight:
         codes = np.asarray(jax.device_get(w.codes)).reshape(out, width)
         data = tuple(jnp.asarray(np.ascontiguousarray(c)) for c in np.split(codes, n, axis=1))
         scales = _decode_scales(w, out, n, np.split)
-        return DecodeWeight(data, tuple(w.shape), tuple(w.perm), w.ncontract, scales, w.format, w.block, w.dtype)
+        kernel = kernel_for(w.format, w.block, w.scales.dtype)
+        return DecodeWeight(
+            data, tuple(w.shape), tuple(w.perm), w.ncontract, scales, w.format, w.block, w.dtype, kernel
+        )
     n, rows, chunk = data_shape(leaf)
     matrix = np.transpose(np.asarray(w), leaf.perm).reshape(rows, n * chunk)
     data = tuple(jnp.asarray(np.ascontiguousarray(matrix[:, k * chunk : (k + 1) * chunk])) for k in range(n))
