@@ -2,6 +2,7 @@
 
     python bench/decode.py                                  # Gemma 4 E2B, bf16, CPU, 128-token prompt, 32 new tokens
     python bench/decode.py --variant tiny --prompt-len 16 --new-tokens 8    # smoke run (seconds)
+    python bench/decode.py --variant 26b_a4b --layers 6     # the MoE at full width, 6 of its 30 layers (~12 GB)
 
 One run prints one table. The parent process never holds weights: it starts subprocesses of this script, one
 after the other, so that at most one copy of the model is in memory at any time:
@@ -51,7 +52,7 @@ def worker_create(args) -> None:
 
     from gemma4_jax import config, hf_format, model
 
-    cfg = config.get_config(args.variant).text_only()  # what Gemma4ForCausalLM reads
+    cfg = common.bench_config(args.variant, args.layers).text_only()  # what Gemma4ForCausalLM reads
     if os.path.exists(os.path.join(args.checkpoint, "config.json")) and _weight_files(args.checkpoint):
         existing = config.Gemma4Config.load_json(os.path.join(args.checkpoint, "config.json"))
         if existing.replace(name=cfg.name) == cfg:
@@ -277,7 +278,8 @@ WORKERS = {"create": worker_create, "jax": worker_jax, "hf": worker_hf}
 
 def run_decode_worker(kind: str, args, checkpoint_dir: str, compile_cache: str = "") -> dict | None:
     """Runs one worker (stderr passes through live) and returns its parsed result, or None if it failed."""
-    options = {"checkpoint": checkpoint_dir, "variant": args.variant, "prompt_len": args.prompt_len}
+    options = {"checkpoint": checkpoint_dir, "variant": args.variant, "layers": args.layers}
+    options |= {"prompt_len": args.prompt_len}
     options |= {"new_tokens": args.new_tokens, "threads": args.threads, "device": args.device}
     if kind != "create":
         options |= {"repeat": args.repeat, "batch": args.batch, "layout": args.layout}
@@ -344,8 +346,9 @@ def format_table(args, jax_result, hf_result) -> str:
 
     hf_device = hf_result["device"] if hf_result else "?"
     jax_device = jax_result["device"] if jax_result else "?"
+    cut = f" ({args.layers} layers)" if args.layers else ""
     title = (
-        f"Gemma 4 {args.variant.upper()}, random weights, bfloat16, prompt {args.prompt_len} tokens, "
+        f"Gemma 4 {args.variant.upper()}{cut}, random weights, bfloat16, prompt {args.prompt_len} tokens, "
         f"{args.new_tokens} new tokens (greedy); JAX on {jax_device}, HF on {hf_device}; "
         f"{args.threads} CPU thread(s); best of {args.repeat} calls x {args.rounds} alternating rounds"
     )
@@ -486,6 +489,7 @@ def positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="e2b", help="model preset (default e2b; 'tiny' for a smoke run)")
+    parser.add_argument("--layers", type=int, default=0, help="cut the variant to this many layers (0: all)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens, BOS included (default 128)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     parser.add_argument(

@@ -36,30 +36,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
-from common import OtherLoad, emit, limit_cpus, log, make_prompt, run_worker
+from common import OtherLoad, bench_config, emit, limit_cpus, log, make_prompt, run_worker
 
 GGUF_QUANTS = ("f16", "q8_0", "q4_0")
 JAX_FORMATS = ("bf16", "int8", "int4")
 SDIST = os.path.join(os.path.dirname(__file__), "..", ".cache", "sdist", "llama_cpp_python-0.3.36.tar.gz")
 VOCAB_MEMBER = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-gemma-4.gguf"
-
-
-def bench_config(args):
-    """The preset, optionally cut to `--layers` (a multiple of the 5-layer pattern for E2B)."""
-    from gemma4_jax import config
-
-    cfg = config.get_config(args.variant)
-    if not args.layers or args.layers == cfg.num_layers:
-        return cfg
-    period = 5 if cfg.name in ("e2b",) else 6
-    if args.layers % period:
-        raise SystemExit(f"--layers must be a multiple of {period} for {cfg.name}")
-    types = config.repeat_pattern(cfg.layer_types[:period], args.layers)
-    owners = cfg.num_layers - cfg.num_kv_shared_layers
-    # Keep the share of KV-owning layers, ending on a whole pattern (llama.cpp reads the last local + global owner).
-    first_shared = period * max(1, round(args.layers * owners / cfg.num_layers / period)) if owners else 0
-    shared = args.layers - first_shared if cfg.num_kv_shared_layers else 0
-    return cfg.replace(name=f"{cfg.name}_{args.layers}l", layer_types=types, num_kv_shared_layers=shared)
 
 
 # ----- workers ----------------------------------------------------------------------------------------------
@@ -86,7 +68,7 @@ def worker_vocab(args) -> None:
         reader = gguf.GGUFReader(os.path.join(tmp, "vocab.gguf"))
         fields = {k: f.contents() for k, f in reader.fields.items()}
     tokens, types, merges = (fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "token_type", "merges"))
-    n_vocab = bench_config(args).vocab_size
+    n_vocab = bench_config(args.variant, args.layers).vocab_size
     if n_vocab < len(tokens):  # smoke runs on toy presets: the first ids (specials, bytes) and their merges
         tokens, types = tokens[:n_vocab], types[:n_vocab]
         known = set(tokens)
@@ -136,7 +118,7 @@ def worker_create(args) -> None:
     from gemma4_jax import hf_format, model
     from gemma4_jax.config import Gemma4Config
 
-    cfg = bench_config(args)
+    cfg = bench_config(args.variant, args.layers)
     n_params = model.count_params(model.param_shapes(cfg))
     existing = os.path.join(args.checkpoint, "config.json")
     if os.path.exists(existing) and Gemma4Config.load_json(existing).replace(name=cfg.name) == cfg:

@@ -21,6 +21,10 @@ the per-element work, not by memory); per-channel and per-tensor scales multiply
 blocks of 32 (int4, Q4_0) go to the compiled kernel instead where it is built (`kernels`: int8 activations as in
 llama.cpp, ~22 GB/s; `DecodeWeight.kernel`). At several rows each
 chunk is dequantized into the compute dtype a block at a time just before its native dot (`_dequantized_dots`).
+The MoE expert stacks take the same layout with the expert axis leading, so one expert's rows are contiguous in
+every chunk: at decode each (token, expert) row reads its expert alone, a dynamic slice XLA:CPU reads inside the
+fused 1-D dot (`DecodeWeight.ragged_einsum`); XLA:CPU's ragged_dot would convert every expert of the layer to
+float32 per step. A tied LM head wider than one chunk (26B-A4B, 31B) is read in column slices, in place.
 `decode_layout` converts a parameter tree; GPU/TPU keep the checkpoint layout and their native dots.
 """
 
@@ -104,6 +108,50 @@ class DecodeWeight:
         y = matmul(rows.reshape(math.prod(batch_shape), -1), self)
         y = y.reshape(*batch_shape, *self._stored_shape()[: len(kept)])
         return jnp.einsum(f"{batch}{kept}->{out}", y).astype(x.dtype)
+
+    def ragged_einsum(self, eqn: str, x, group_sizes):
+        """`model.ragged_einsum` on a stack of experts (the expert axis leads the stored layout): x [M, ...] rows
+        sorted by expert, the first `group_sizes[0]` for expert 0, and so on. Up to GATHER_ROWS rows (decode),
+        each row's expert is read alone: its rows of every chunk, a contiguous slice that XLA:CPU reads inside the
+        fused 1-D dot (`matmul` on `expert`). More rows (prefill): `ragged_dot` over the chunks as stored (dense)
+        or over the checkpoint weight (quantized). Rows past the groups give zeros, as ragged_dot's."""
+        from gemma4_jax.model import einsum_specs, ragged_einsum
+
+        lhs, rhs, out = einsum_specs(eqn)
+        stored = "".join(rhs[p] for p in self.perm)
+        kept, contracted = stored[1 : len(stored) - self.ncontract], stored[len(stored) - self.ncontract :]
+        m = x.shape[0]
+        rows = jnp.einsum(f"{lhs}->{lhs[0]}{contracted}", x).reshape(m, -1)
+        kept_shape = self._stored_shape()[1 : len(stored) - self.ncontract]
+        if m > GATHER_ROWS:
+            # XLA:CPU's ragged_dot converts every expert of the layer to float32 (prefill is bound by it)
+            if self.format is not None:
+                return ragged_einsum(eqn, x, self.checkpoint_weight(), group_sizes)
+            y = _ragged_chunks(rows.astype(self.dtype), self, group_sizes)
+        else:
+            ends = jnp.cumsum(group_sizes)
+            expert_of_row = jnp.sum(ends[None, :] <= jnp.arange(m)[:, None], axis=1)
+            y = jnp.stack([matmul(rows[r : r + 1], self.expert(expert_of_row[r])).reshape(-1) for r in range(m)])
+            y = jnp.where((jnp.arange(m) < ends[-1])[:, None], y, 0)
+        y = y.reshape(m, *kept_shape)
+        return jnp.einsum(f"{lhs[0]}{kept}->{out}", y).astype(x.dtype)
+
+    def expert(self, e):
+        """Expert `e` (a traced index) of a stack whose stored layout leads with the expert axis: the same chunks'
+        rows of that expert (dynamic slices, no copy inside a fused dot), one expert's logical shape."""
+        groups = self._stored_shape()[0]
+        out = self.data[0].shape[0] // groups
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, e * out, out, 0)  # noqa: E731
+        if isinstance(self.scales, tuple):
+            scales = tuple(map(take, self.scales))
+        elif self.scales is not None and self.format != "sfp8":
+            scales = take(self.scales)  # per channel [out]
+        else:
+            scales = self.scales
+        axis = self.perm[0]
+        perm = tuple(p - (p > axis) for p in self.perm[1:])
+        shape = self.shape[:axis] + self.shape[axis + 1 :]
+        return dataclasses.replace(self, data=tuple(map(take, self.data)), scales=scales, shape=shape, perm=perm)
 
     def checkpoint_weight(self):
         """The weight as the checkpoint holds it: a dense array (official layout) or a `quant.QuantizedWeight`."""
@@ -191,6 +239,27 @@ def _piece_weight(w: DecodeWeight, k: int, nibble, rows=slice(None), zero=None):
     return (q.reshape(out, scales.shape[1], width // scales.shape[1]) * scales[..., None]).reshape(out, width)
 
 
+GATHER_ROWS = 64  # (token, expert) rows up to which an expert stack is read expert by expert (decode batch <= 8)
+
+
+def _ragged_chunks(rows, w: DecodeWeight, group_sizes):
+    """rows [M, IN] (stored dtype, sorted by group) against a dense expert stack in the decode layout -> [M, OUT]
+    float32: per chunk one `ragged_dot` on the chunk as stored ([groups, out, width], a free reshape), summed."""
+    groups = w._stored_shape()[0]
+    width = w.data[0].shape[1]
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
+    )
+    parts = [
+        jax.lax.ragged_dot_general(
+            rows[:, k * width : (k + 1) * width], chunk.reshape(groups, -1, width), group_sizes, dims,
+            preferred_element_type=jnp.float32,
+        )
+        for k, chunk in enumerate(w.data)
+    ]  # fmt: skip
+    return parts[0] if len(parts) == 1 else sum(jax.lax.reduce_precision(p, 8, 23) for p in parts)
+
+
 DEQUANTIZED_BLOCK = 1 << 22  # weight elements dequantized at a time for several activation rows (8 MB in bf16)
 
 
@@ -252,8 +321,9 @@ def matmul(x, w: DecodeWeight):
 
 def as_decode_weight(w) -> DecodeWeight | None:
     """A [out, in] table (the tied embedding) or a `quant.QuantizedWeight` whose contracted codes fit one chunk,
-    viewed as a one-chunk DecodeWeight over the same arrays (reshapes only, no copy); None when it needs more
-    chunks or is another weight object."""
+    viewed as a DecodeWeight over the same arrays: one chunk (reshapes only), or for a wider table (26B-A4B, 31B)
+    its column slices, which XLA:CPU reads in place inside the fused 1-D dot of one row (traced; a concrete table
+    gets copies); None for a wider quantized table or another weight object."""
     from gemma4_jax.quant.weight import QuantizedWeight
 
     if isinstance(w, QuantizedWeight):
@@ -264,8 +334,11 @@ def as_decode_weight(w) -> DecodeWeight | None:
             (w.codes.reshape(out, width),), w.shape, w.perm, w.ncontract, _decode_scales(w, out, 1), w.format,
             w.block, w.dtype,
         )  # fmt: skip
-    if isinstance(w, jax.Array | np.ndarray) and w.ndim == 2 and w.shape[1] <= MAX_CHUNK:
-        return DecodeWeight((w,), tuple(w.shape), (0, 1), 1)
+    if isinstance(w, jax.Array | np.ndarray) and w.ndim == 2:
+        n = chunks_of(w.shape[1])
+        width = w.shape[1] // n
+        data = (w,) if n == 1 else tuple(w[:, k * width : (k + 1) * width] for k in range(n))
+        return DecodeWeight(data, tuple(w.shape), (0, 1), 1)
     return None
 
 
@@ -283,11 +356,14 @@ def _decode_scales(w, out: int, n: int, split=None):
 
 
 def fused_lm_head(x, table) -> bool:
-    """Whether the tied LM head goes through `matmul` here: on XLA:CPU, a 16/32-bit or quantized table (computing
-    in one) whose D fits one chunk, for one row (the fused 1-D form) or, quantized, for several (dequantized a
+    """Whether the tied LM head goes through `matmul` here: on XLA:CPU, a 16/32-bit table for one row (the fused
+    1-D form, any D), or a quantized table (computing in one) whose D fits one chunk, for any rows (dequantized a
     block at a time instead of whole)."""
-    view = as_decode_weight(table) if wanted(table.dtype) else None
-    return view is not None and (math.prod(x.shape[:-1]) == 1 or view.format is not None)
+    if not wanted(table.dtype):
+        return False
+    if isinstance(table, jax.Array | np.ndarray):
+        return table.ndim == 2 and math.prod(x.shape[:-1]) == 1
+    return as_decode_weight(table) is not None
 
 
 def lm_head(x, table):
@@ -297,10 +373,16 @@ def lm_head(x, table):
 
 
 def uses_decode_layout(leaf: param_spec.Leaf) -> bool:
-    """The leaves stored chunk-major on CPU: the text decoder's dense contractions (not the expert stacks, which
-    the MoE dispatch reads whole, nor the lookup tables)."""
+    """The leaves stored chunk-major on CPU: the text decoder's contractions, the MoE expert stacks included (their
+    expert axis leads the stored layout, so one expert's rows are contiguous in every chunk); not the lookup
+    tables."""
+    experts_lead = leaf.batch == ("experts",) and leaf.stored_axes[0] == "experts"
     return (
-        leaf.part == "text" and leaf.quant in _LAYOUT_CLASSES and not leaf.batch and leaf.ncontract and not leaf.unused
+        leaf.part == "text"
+        and leaf.quant in _LAYOUT_CLASSES
+        and (not leaf.batch or experts_lead)
+        and leaf.ncontract
+        and not leaf.unused
     )
 
 
