@@ -9,6 +9,7 @@
 
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -17,11 +18,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 STRICT = os.environ.get("GEMMA4_STRICT") == "1"
 
-# The CLI keeps compiled programs in the user's cache directory; the tests keep theirs apart.
-if "GEMMA4_JAX_CACHE" not in os.environ:
-    import tempfile
-
-    os.environ["GEMMA4_JAX_CACHE"] = os.path.join(tempfile.gettempdir(), "gemma4-jax-test-xla")
+# The CLI keeps compiled programs in the user's cache directory; the tests keep theirs apart, one directory per
+# xdist worker, so that no worker reads an entry another is writing (a CI run once crashed inside a cache read).
+# (xdist workers inherit the controller's setting, hence the prefix test.)
+_TEST_CACHE = os.path.join(tempfile.gettempdir(), "gemma4-jax-test-xla")
+if os.environ.get("GEMMA4_JAX_CACHE", _TEST_CACHE).startswith(_TEST_CACHE):
+    os.environ["GEMMA4_JAX_CACHE"] = f"{_TEST_CACHE}-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 
 
 @pytest.hookimpl(hookwrapper=True)
