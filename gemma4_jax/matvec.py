@@ -239,6 +239,12 @@ def _piece_weight(w: DecodeWeight, k: int, nibble, rows=slice(None), zero=None):
     return (q.reshape(out, scales.shape[1], width // scales.shape[1]) * scales[..., None]).reshape(out, width)
 
 
+def _sum_parts(parts):
+    """The chunks' partial products summed; each passes `reduce_precision` (a no-op on float32) so that XLA does
+    not fuse a dot into the sum, which would undo its fused 1-D form (module doc)."""
+    return parts[0] if len(parts) == 1 else sum(jax.lax.reduce_precision(p, 8, 23) for p in parts)
+
+
 GATHER_ROWS = 64  # (token, expert) rows up to which an expert stack is read expert by expert (decode batch <= 8)
 
 
@@ -257,7 +263,7 @@ def _ragged_chunks(rows, w: DecodeWeight, group_sizes):
         )
         for k, chunk in enumerate(w.data)
     ]  # fmt: skip
-    return parts[0] if len(parts) == 1 else sum(jax.lax.reduce_precision(p, 8, 23) for p in parts)
+    return _sum_parts(parts)
 
 
 DEQUANTIZED_BLOCK = 1 << 22  # weight elements dequantized at a time for several activation rows (8 MB in bf16)
@@ -300,7 +306,7 @@ def matmul(x, w: DecodeWeight):
         q4 = kernels.q4_matvec if w.kernel == "ffi" else kernels.q4_matvec_reference
         row = x[0].astype(f32)  # in element order: the kernel unpacks the nibbles itself
         parts = [q4(row[2 * width * k : 2 * width * (k + 1)], w.data[k], w.scales[k]) for k in range(len(w.data))]
-        return parts[0] if len(parts) == 1 else sum(jax.lax.reduce_precision(p, 8, 23) for p in parts)
+        return _sum_parts(parts)
     x = _code_order(x, w)
     if x.shape[0] == 1:
         row = _own_buffer(x[0].astype(f32))
@@ -313,7 +319,7 @@ def matmul(x, w: DecodeWeight):
         ]
     else:
         parts = _dequantized_dots(x.astype(w.dtype), w)
-    y = parts[0] if len(parts) == 1 else sum(jax.lax.reduce_precision(p, 8, 23) for p in parts)
+    y = _sum_parts(parts)
     if w.format is not None and not isinstance(w.scales, tuple):  # per channel [out] or per tensor (SFP8)
         y = y * w.scales.astype(f32)
     return y
