@@ -51,6 +51,9 @@ def parse_dtype(dtype) -> jnp.dtype | None:
 # ----- memory ------------------------------------------------------------------------------------------------
 
 
+CACHE_OFF = "off"  # $GEMMA4_JAX_CACHE=off: the same as --no-compile-cache, for a whole environment (the tests)
+
+
 def compilation_cache_dir() -> str:
     """Where compiled programs are kept between runs: $GEMMA4_JAX_CACHE, else the user's cache directory
     ($XDG_CACHE_HOME or ~/.cache) / gemma4-jax / xla."""
@@ -63,8 +66,11 @@ def compilation_cache_dir() -> str:
 def use_compilation_cache(directory: str | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache in `directory` (default `compilation_cache_dir()`), so a second
     run of the same command loads its programs instead of compiling them (E2B's step: ~40 s). Returns the
-    directory, or None (with a one-line note) when it cannot be created or written."""
+    directory, or None (with a one-line note) when it cannot be created or written, or None when
+    $GEMMA4_JAX_CACHE is `off`."""
     directory = directory or compilation_cache_dir()
+    if directory == CACHE_OFF:
+        return None
     try:
         os.makedirs(directory, exist_ok=True)
         if not os.access(directory, os.W_OK):

@@ -600,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-compile-cache",
         action="store_true",
-        help="compile every time (default: compiled programs are kept in $GEMMA4_JAX_CACHE or ~/.cache/gemma4-jax/xla)",
+        help="compile every time (default: compiled programs are kept in $GEMMA4_JAX_CACHE or ~/.cache/gemma4-jax/xla;"
+        " GEMMA4_JAX_CACHE=off is this flag for a whole environment)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -9,7 +9,6 @@
 
 import os
 import sys
-import tempfile
 
 import pytest
 
@@ -18,12 +17,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 STRICT = os.environ.get("GEMMA4_STRICT") == "1"
 
-# The CLI keeps compiled programs in the user's cache directory; the tests keep theirs apart, one directory per
-# xdist worker, so that no worker reads an entry another is writing (a CI run once crashed inside a cache read).
-# (xdist workers inherit the controller's setting, hence the prefix test.)
-_TEST_CACHE = os.path.join(tempfile.gettempdir(), "gemma4-jax-test-xla")
-if os.environ.get("GEMMA4_JAX_CACHE", _TEST_CACHE).startswith(_TEST_CACHE):
-    os.environ["GEMMA4_JAX_CACHE"] = f"{_TEST_CACHE}-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+# The CLI keeps compiled programs in JAX's persistent cache; in-process tests call it, and then every later test
+# of that long-lived xdist worker would write and read the cache. CI runs crashed three times inside jaxlib's
+# executable (de)serialization there (segfaults in compilation_cache.put_executable_and_time / a cache read),
+# never outside, so the tests compile without it; test_cli.py::test_compilation_cache turns it on in a
+# subprocess of its own and checks what it writes and reads.
+os.environ.setdefault("GEMMA4_JAX_CACHE", "off")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -158,13 +158,14 @@ def test_compilation_cache(tmp_path, capsys):
         env = {**os.environ, "GEMMA4_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
         argv = [sys.executable, "-m", "gemma4_jax.cli", *flags, "generate", "--variant", "tiny"]
         argv += ["--max-new-tokens", "2"]
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
 
     generate(tmp_path / "on")
     assert any(name.startswith("jit__step") for name in os.listdir(tmp_path / "on"))
-    generate(tmp_path / "off", "--no-compile-cache")
-    assert not (tmp_path / "off").exists()
+    generate(tmp_path / "flag", "--no-compile-cache")
+    generate("off")  # GEMMA4_JAX_CACHE=off: the flag for a whole environment, no directory named "off"
+    assert sorted(os.listdir(tmp_path)) == ["on"]
     blocker = tmp_path / "a-file"  # a cache path under a file cannot be created, whoever runs the test
     blocker.write_text("")
     assert use_compilation_cache(str(blocker / "xla")) is None
