@@ -134,19 +134,14 @@ int gemma4_q4_supported() {
 
 }  // extern "C"
 
-// Q4_0: float16 block scales; int4 (block 32): float32 block scales.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma4_q4_matvec_f16, (Q4Matvec<ffi::F16, uint16_t>),
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// One handler per block-scale type: Q4_0 has float16 scales, the project's int4 (block 32) float32 ones.
+#define GEMMA4_Q4_MATVEC(name, kScale, Scale)                                                        \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (Q4Matvec<kScale, Scale>), ffi::Ffi::Bind()                    \
+                                                                     .Ctx<ffi::ThreadPool>()         \
+                                                                     .Arg<ffi::Buffer<ffi::F32>>()   \
+                                                                     .Arg<ffi::Buffer<ffi::U8>>()    \
+                                                                     .Arg<ffi::Buffer<kScale>>()     \
+                                                                     .Ret<ffi::Buffer<ffi::F32>>())
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma4_q4_matvec_f32, (Q4Matvec<ffi::F32, float>),
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+GEMMA4_Q4_MATVEC(gemma4_q4_matvec_f16, ffi::F16, uint16_t);
+GEMMA4_Q4_MATVEC(gemma4_q4_matvec_f32, ffi::F32, float);
