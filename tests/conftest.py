@@ -7,6 +7,7 @@
   never pass as green.
 """
 
+import gc
 import os
 import sys
 
@@ -17,12 +18,24 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 STRICT = os.environ.get("GEMMA4_STRICT") == "1"
 
-# The CLI keeps compiled programs in JAX's persistent cache; in-process tests call it, and then every later test
-# of that long-lived xdist worker would write and read the cache. CI runs crashed three times inside jaxlib's
-# executable (de)serialization there (segfaults in compilation_cache.put_executable_and_time / a cache read),
-# never outside, so the tests compile without it; test_cli.py::test_compilation_cache turns it on in a
-# subprocess of its own and checks what it writes and reads.
+# The CLI keeps compiled programs in JAX's persistent cache; the tests compile afresh (a cache left by an earlier
+# run, or another worker's entries, must not decide a result). test_cli.py::test_compilation_cache turns it on
+# in subprocesses of its own and checks what it writes.
 os.environ.setdefault("GEMMA4_JAX_CACHE", "off")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. XLA:CPU maps every compiled kernel's code and data
+    as separate pages, about three memory mappings per kernel, and keeps them while the program is cached: an
+    xdist worker that runs many modules reached 59 000 mappings, near Linux's default vm.max_map_count of 65 530,
+    past which mmap fails and XLA segfaults inside whatever it was doing (CI runs died in a compile, in writing
+    and in reading the persistent cache). One module stays far below (test_quant: 4 500)."""
+    yield
+    import jax  # here, not at the top: a test module may set JAX's environment before it imports JAX
+
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.hookimpl(hookwrapper=True)
