@@ -56,10 +56,11 @@ from gemma4_jax.sampler import Sampler, SamplingConfig
 # an f16 table entry), the one thing its f32 forward computes differently from an exact GELU: with each GELU taken
 # at llama.cpp's own input through its table, our logits equal its logits to <= 4e-6 (measured by dumping its graph
 # nodes). Hence two f32 bounds: against `model.apply` as is (exact GELU), measured 9.7e-4 .. 1.4e-3 on the trained
-# test models at logit std 1.1; and against `model.apply` with llama.cpp's GELU table swapped in
-# (references.llama_cpp_gelu), measured 7e-5 .. 5e-4 -- what is left there is f16 rounding-midpoint flips of GELU
-# inputs that differ by f32 summation order (~1e-6).
-F32_TOL = 2e-3
+# test models at logit std 1.1 on one machine and 9.9e-4 .. 2.11e-3 on another (AVX2 without AVX-512: llama.cpp
+# is built for the host CPU, and the same code at 51061a4 gave 2.11e-3 there); and against `model.apply` with
+# llama.cpp's GELU table swapped in (references.llama_cpp_gelu), measured 1.3e-5 .. 5e-4 -- what is left there is
+# f16 rounding-midpoint flips of GELU inputs that differ by f32 summation order (~1e-6).
+F32_TOL = 3e-3
 F32_TOL_SAME_GELU = 1e-3
 # max |llama.cpp - JAX(dequantized weights)|; llama.cpp rounds the matmul activations (f16 / bf16 / Q8_0 blocks).
 # Measured maxima over the three trained models: f16 3.5e-3, bf16 2.2e-2, q8_0 7.6e-2, q4_0 1.0e-1 (logit std
