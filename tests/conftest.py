@@ -24,18 +24,31 @@ STRICT = os.environ.get("GEMMA4_STRICT") == "1"
 os.environ.setdefault("GEMMA4_JAX_CACHE", "off")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """Drops JAX's compiled programs after each test module. XLA:CPU maps every compiled kernel's code and data
-    as separate pages, about three memory mappings per kernel, and keeps them while the program is cached: an
-    xdist worker that runs many modules reached 59 000 mappings, near Linux's default vm.max_map_count of 65 530,
-    past which mmap fails and XLA segfaults inside whatever it was doing (CI runs died in a compile, in writing
-    and in reading the persistent cache). One module stays far below (test_quant: 4 500)."""
-    yield
-    import jax  # here, not at the top: a test module may set JAX's environment before it imports JAX
+def _memory_mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux: no such limit to stay under
+        return 0
 
-    jax.clear_caches()
-    gc.collect()
+
+# Linux's default vm.max_map_count is 65 530; XLA:CPU maps each compiled kernel's code, constants and data as
+# separate pages (about three mappings per kernel) and keeps them while JAX caches the program. Past the limit
+# mmap fails and XLA segfaults inside whatever it was doing: CI workers died in a compile, a cache write and a
+# cache read. Measured: an xdist worker 59 435 mappings after many modules, test_matvec.py alone 56 722.
+_MAPPINGS_BEFORE_CLEARING = 20_000
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Drops JAX's compiled programs after a module's last test (the next module rarely reuses them) and after any
+    test that leaves the process holding many mappings. A program still needed is compiled again."""
+    last_of_module = nextitem is None or getattr(nextitem, "module", None) is not getattr(item, "module", None)
+    if last_of_module or _memory_mappings() > _MAPPINGS_BEFORE_CLEARING:
+        import jax  # here, not at the top: a test module may set JAX's environment before it imports JAX
+
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.hookimpl(hookwrapper=True)
