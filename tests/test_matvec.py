@@ -303,6 +303,17 @@ def _matvec_activation_operands(hlo: str) -> dict[str, list[str]]:
     return out
 
 
+def _tree_bytes(tree) -> int:
+    """Bytes of a tree of arrays or shapes, as stored."""
+    return sum(int(np.prod(w.shape)) * jnp.dtype(w.dtype).itemsize for w in jax.tree.leaves(tree))
+
+
+def _moe_6_layers():
+    """26B-A4B at full width, 6 of its 30 layers (one local/global pattern), text only."""
+    cfg = config.get_config("26b_a4b").text_only()
+    return cfg.replace(name="26b_a4b_6l", layer_types=config.repeat_pattern(cfg.layer_types[:6], 6))
+
+
 def _compiled_step(cfg, tree, batch):
     from gemma4_jax.sampler import SamplingConfig
 
@@ -344,7 +355,7 @@ def test_full_size_decode_step_has_no_weight_temporaries(fmt):
             tree = _abstract_quantized(cfg, tree, fmt)
         elif layout == "decode":
             tree = _abstract_decode_layout(cfg, tree)
-        weight_bytes = sum(int(np.prod(w.shape)) * jnp.dtype(w.dtype).itemsize for w in jax.tree.leaves(tree))
+        weight_bytes = _tree_bytes(tree)
         step = _compiled_step(cfg, tree, batch)
         temps[layout, batch] = step.memory_analysis().temp_size_in_bytes / weight_bytes
         if batch == 1 and layout == "decode":
@@ -370,14 +381,13 @@ def test_moe_decode_step_reads_one_expert_at_a_time():
     token's 8 experts are read in place, expert by expert (temporaries < 1% of the weight bytes, every matvec's
     row a float32 buffer of its own); the checkpoint layout's ragged_dot converts all 128 experts of a layer to
     float32 (measured: 2.5 GB per layer, ~2.7 s per layer and token on 2 cores, against ~3 ms read in place)."""
-    cfg = config.get_config("26b_a4b").text_only()
-    cfg = cfg.replace(name="26b_a4b_6l", layer_types=config.repeat_pattern(cfg.layer_types[:6], 6))
+    cfg = _moe_6_layers()
     temps = {}
     for layout in ("decode", "checkpoint"):
         tree = model.param_shapes(cfg, jnp.bfloat16)
         if layout == "decode":
             tree = _abstract_decode_layout(cfg, tree)
-        weight_bytes = sum(int(np.prod(w.shape)) * jnp.dtype(w.dtype).itemsize for w in jax.tree.leaves(tree))
+        weight_bytes = _tree_bytes(tree)
         step = _compiled_step(cfg, tree, 1)
         temps[layout] = step.memory_analysis().temp_size_in_bytes / weight_bytes
         if layout == "decode":
@@ -396,8 +406,7 @@ def test_moe_prefill_reads_each_expert_in_its_stored_dtype():
     one layer's stack and 512 rows: 12.4 s against 0.16 s)."""
     from gemma4_jax.sampler import SamplingConfig
 
-    cfg = config.get_config("26b_a4b").text_only()
-    cfg = cfg.replace(name="26b_a4b_6l", layer_types=config.repeat_pattern(cfg.layer_types[:6], 6))
+    cfg = _moe_6_layers()
     tokens = jax.ShapeDtypeStruct((1, 64), jnp.int32)
     cache = jax.eval_shape(lambda: model.init_cache(cfg, 1, 1024, jnp.bfloat16))
     last = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -406,7 +415,7 @@ def test_moe_prefill_reads_each_expert_in_its_stored_dtype():
         tree = model.param_shapes(cfg, jnp.bfloat16)
         if layout == "decode":
             tree = _abstract_decode_layout(cfg, tree)
-        weight_bytes = sum(int(np.prod(w.shape)) * jnp.dtype(w.dtype).itemsize for w in jax.tree.leaves(tree))
+        weight_bytes = _tree_bytes(tree)
         args = (cfg, SamplingConfig(), tree, tokens, tokens, cache, last, jax.random.key(0), None, None)
         temps[layout] = _jitted["prefill"].lower(*args).compile().memory_analysis().temp_size_in_bytes / weight_bytes
     print(f"26b_a4b (6 layers): prefill temporaries / weight bytes: {temps}")
