@@ -63,13 +63,22 @@ def compilation_cache_dir() -> str:
     return os.path.join(root, "gemma4-jax", "xla")
 
 
+COMPILATION_CACHE_BYTES = 4 << 30  # least recently used programs go past this
+
+
 def use_compilation_cache(directory: str | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache in `directory` (default `compilation_cache_dir()`), so a second
     run of the same command loads its programs instead of compiling them (E2B's step: ~40 s). Returns the
     directory, or None (with a one-line note) when it cannot be created or written, or None when
-    $GEMMA4_JAX_CACHE is `off`."""
+    $GEMMA4_JAX_CACHE (or `directory`) is `off`, which also turns off a cache that JAX's own environment variable
+    ($JAX_COMPILATION_CACHE_DIR) names.
+
+    The cache is bounded (COMPILATION_CACHE_BYTES, least recently used out), which makes JAX lock the directory
+    around each read and write: unbounded, it writes entries in place, and a process reading one that another is
+    still writing gets a truncated program."""
     directory = directory or compilation_cache_dir()
     if directory == CACHE_OFF:
+        jax.config.update("jax_enable_compilation_cache", False)
         return None
     try:
         os.makedirs(directory, exist_ok=True)
@@ -79,6 +88,7 @@ def use_compilation_cache(directory: str | None = None) -> str | None:
         print(f"note: no compilation cache ({e}); every run compiles", file=sys.stderr)
         return None
     jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory

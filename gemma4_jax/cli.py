@@ -878,10 +878,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        if not args.no_compile_cache:
-            from gemma4_jax.api import use_compilation_cache
+        from gemma4_jax.api import CACHE_OFF, use_compilation_cache
 
-            use_compilation_cache()
+        use_compilation_cache(CACHE_OFF if args.no_compile_cache else None)
         if hasattr(args, "coordinator"):
             from gemma4_jax.sharding import initialize_distributed
 

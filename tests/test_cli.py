@@ -149,13 +149,15 @@ def test_console_script_prints_no_traceback():
 
 def test_compilation_cache(tmp_path, capsys):
     """Compiled programs land in $GEMMA4_JAX_CACHE (a second run loads them: bench/decode.py times both runs);
-    --no-compile-cache writes none; an unwritable cache directory is one note, not an error."""
+    --no-compile-cache and GEMMA4_JAX_CACHE=off write none, also where $JAX_COMPILATION_CACHE_DIR names a
+    directory; an unwritable cache directory is one note, not an error."""
     import os
 
     from gemma4_jax.api import use_compilation_cache
 
     def generate(cache, *flags):
         env = {**os.environ, "GEMMA4_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
+        env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax-env")  # JAX's own variable: ours decides
         argv = [sys.executable, "-m", "gemma4_jax.cli", *flags, "generate", "--variant", "tiny"]
         argv += ["--max-new-tokens", "2"]
         done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
