@@ -143,11 +143,15 @@ class DecodeWeight:
         y = y.reshape(m, *kept_shape)
         return jnp.einsum(f"{lhs[0]}{kept}->{out}", y).astype(x.dtype)
 
+    @property
+    def rows_per_expert(self) -> int:
+        """A stack's output rows per expert in each chunk (the expert axis leads the stored layout)."""
+        return self.data[0].shape[0] // self._stored_shape()[0]
+
     def expert(self, e):
         """Expert `e` (a traced index) of a stack whose stored layout leads with the expert axis: the same chunks'
         rows of that expert (dynamic slices, no copy inside a fused dot), one expert's logical shape."""
-        groups = self._stored_shape()[0]
-        out = self.data[0].shape[0] // groups
+        out = self.rows_per_expert
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, e * out, out, 0)  # noqa: E731
         if isinstance(self.scales, tuple):
             scales = tuple(map(take, self.scales))
@@ -259,10 +263,10 @@ def _rows_by_expert(rows, w: DecodeWeight, expert_of_row):
     """rows [M, IN] against an expert stack in the decode layout, each row against its own expert -> [M, OUT]
     float32. A loop over the rows, each one the fused 1-D dot of `matmul` on that expert's rows of every chunk (a
     contiguous slice, read in place): as fast as the rows written out one by one (26B-A4B's gating stack, 8 and 32
-    rows: 4.6 and 16 ms either way), and compiled once instead of once per row (0.4 s against 1-2 s; a short
-    prefill of tiny_moe compiled in 33 s instead of 5 s for the checkpoint layout)."""
+    rows: 4.6 and 16 ms either way), and compiled once instead of once per row (0.4 s against 1-2 s; written out
+    per row, a short tiny_moe prefill compiled in 33 s, against 5 s in the checkpoint layout)."""
     m = rows.shape[0]
-    out = w.data[0].shape[0] // w._stored_shape()[0]
+    out = w.rows_per_expert
 
     def one_row(r, y):
         product = matmul(jax.lax.dynamic_slice_in_dim(rows, r, 1, 0), w.expert(expert_of_row[r]))
@@ -297,7 +301,7 @@ def _expert_tiles(rows, w: DecodeWeight, group_sizes):
     first_row = (ends - sizes)[group_of_tile] + (t - (tile_ends - tiles_per_group)[group_of_tile]) * tile
     filled = jnp.clip(ends[group_of_tile] - first_row, 0, tile)
     padded = jnp.pad(rows, ((0, tile), (0, 0)))  # a tile starting near the end stays in bounds
-    out = w.data[0].shape[0] // groups
+    out = w.rows_per_expert
 
     def one_tile(i, y):
         x = jax.lax.dynamic_slice_in_dim(padded, first_row[i], tile, 0)

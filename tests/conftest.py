@@ -21,7 +21,7 @@ STRICT = os.environ.get("GEMMA4_STRICT") == "1"
 # The CLI keeps compiled programs in JAX's persistent cache; the tests compile afresh (a cache left by an earlier
 # run must not decide a result). test_cli.py::test_compilation_cache turns it on in subprocesses of its own and
 # checks what it writes. (One cache shared by a run's workers and subprocesses was tried: that run's tests took
-# 57+ min against 41 for the run before it, with no other change to explain it; not isolated further.)
+# 56.5 min against 41 for the run before it, whose other changes only removed work; machine noise not ruled out.)
 os.environ.setdefault("GEMMA4_JAX_CACHE", "off")
 
 
