@@ -1,6 +1,7 @@
 """Sharded runs for tests/test_mesh.py, in a process of their own: the device count is fixed when JAX starts.
 
-    python tests/mesh_worker.py presets MODEL OUT.json "fsdp;fsdp_tp"  # 8 forced host devices vs one device
+    python tests/mesh_worker.py reference MODEL DIR       # one device's numbers, once per model
+    python tests/mesh_worker.py presets MODEL OUT.json "fsdp;fsdp_tp" DIR  # 8 forced host devices vs DIR's
     python tests/mesh_worker.py restore CKPT OUT.json     # a training checkpoint onto other meshes
     python tests/mesh_worker.py process DIR               # one of several jax.distributed processes
 
@@ -13,7 +14,8 @@ import json
 import os
 import sys
 
-if __name__ == "__main__" and sys.argv[1] in ("presets", "restore"):
+# `reference` too: its one-device programs are compiled in the same setting as the sharded ones they are compared to.
+if __name__ == "__main__" and sys.argv[1] in ("reference", "presets", "restore"):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax
@@ -109,21 +111,52 @@ def float64_model(name: str, mesh=None) -> api.Model:
     return api.from_params(config, init_params(config, 0, np.float64), mesh=mesh)
 
 
-def presets(model_name: str, out_path: str, meshes: str) -> None:
-    """`model_name` on each of `meshes` (separated by ";") against one device."""
-    results = {}
-    meshes = meshes.split(";")
+def reference(model_name: str, directory: str) -> None:
+    """One device's numbers for `presets` (and `test_two_processes...`), computed once per model and test module:
+    float64 logits, loss and gradients; float32 logits of the whole batch and row by row, loss, gradients and
+    greedy tokens. Written to `directory/MODEL reference.npz` (+ `.json`)."""
+    out = {}
     with jax.enable_x64(True):
         one64 = float64_model(model_name)
-        ref64, (loss64, grads64) = forward(one64), grads(one64, nonzero_adapters(one64.config, np.float64))
+        out["logits64"] = forward(one64)
+        loss64, grads64 = grads(one64, nonzero_adapters(one64.config, np.float64))
+        out |= {f"grads64/{k}": v for k, v in _flat(grads64).items()}
     one = api.load(variant=model_name, dtype="float32", progress=False, layout="checkpoint")
-    ref = forward(one)
-    rows = np.concatenate([forward(one, TOKENS[r : r + 1]) for r in range(len(TOKENS))])
-    loss_ref, grads_ref = grads(one, nonzero_adapters(one.config))
+    out["logits"] = forward(one)
+    out["rows"] = np.concatenate([forward(one, TOKENS[r : r + 1]) for r in range(len(TOKENS))])
+    loss, g = grads(one, nonzero_adapters(one.config))
+    out |= {f"grads/{k}": v for k, v in _flat(g).items()}
     # Greedy decoding in float32: the top-2 logit gaps along these continuations are >= 6e-3, far above f32
     # summation-order noise (~1e-5), so the sharded continuations must be the same tokens.
-    tokens_ref = one.sampler().generate(PROMPTS, 12).tokens
-    for mesh in meshes:
+    tokens = one.sampler().generate(PROMPTS, 12).tokens
+    np.savez(os.path.join(directory, f"{model_name} reference.npz"), **out)
+    with open(os.path.join(directory, f"{model_name} reference.json"), "w") as f:
+        json.dump({"loss": loss, "loss64": loss64, "greedy": tokens}, f)
+
+
+def load_reference(model_name: str, directory: str) -> tuple[dict, dict]:
+    """`reference`'s arrays (gradients as flat {path: array} dicts under "grads" and "grads64") and numbers."""
+    with np.load(os.path.join(directory, f"{model_name} reference.npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    for kind in ("grads", "grads64"):
+        prefix = kind + "/"
+        arrays[kind] = {k[len(prefix) :]: arrays.pop(k) for k in list(arrays) if k.startswith(prefix)}
+    with open(os.path.join(directory, f"{model_name} reference.json")) as f:
+        return arrays, json.load(f)
+
+
+def max_abs_flat(a: dict, b: dict) -> float:
+    """max |a - b| over two flat {path: array} dicts with the same paths."""
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    return max_abs([a[k] for k in sorted(a)], [b[k] for k in sorted(a)])
+
+
+def presets(model_name: str, out_path: str, meshes: str, reference_dir: str) -> None:
+    """`model_name` on each of `meshes` (separated by ";") against one device (`reference`, read from
+    `reference_dir`)."""
+    ref, numbers = load_reference(model_name, reference_dir)
+    results = {}
+    for mesh in meshes.split(";"):
         m = api.load(variant=model_name, dtype="float32", progress=False, mesh=mesh)
         sizes = dict(m.mesh.shape)
         logits = forward(m)
@@ -142,18 +175,18 @@ def presets(model_name: str, out_path: str, meshes: str) -> None:
             loss_64, g64 = grads(m64, nonzero_adapters(m64.config, np.float64))
         results[mesh] = {
             "mesh": sharding.format_sizes(m.mesh),
-            "logits": max_abs(logits, ref),
-            "logits_scale": max_of(ref),
-            "logits_vs_same_rows": max_abs(logits, rows),
-            "logits64_rel": max_abs(logits64, ref64) / max_of(ref64),
-            "greedy_equal": greedy == tokens_ref,
+            "logits": max_abs(logits, ref["logits"]),
+            "logits_scale": max_of(ref["logits"]),
+            "logits_vs_same_rows": max_abs(logits, ref["rows"]),
+            "logits64_rel": max_abs(logits64, ref["logits64"]) / max_of(ref["logits64"]),
+            "greedy_equal": greedy == numbers["greedy"],
             "greedy": greedy,
-            "greedy_one_device": tokens_ref,
-            "loss": abs(loss - loss_ref),
-            "grads": max_abs(g, grads_ref),
-            "grads_scale": max_of(grads_ref),
-            "loss64_rel": abs(loss_64 - loss64) / abs(loss64),
-            "grads64_rel": max_abs(g64, grads64) / max_of(grads64),
+            "greedy_one_device": numbers["greedy"],
+            "loss": abs(loss - numbers["loss"]),
+            "grads": max_abs_flat(_flat(g), ref["grads"]),
+            "grads_scale": max_of(ref["grads"]),
+            "loss64_rel": abs(loss_64 - numbers["loss64"]) / abs(numbers["loss64"]),
+            "grads64_rel": max_abs_flat(_flat(g64), ref["grads64"]) / max_of(ref["grads64"]),
             "live_per_device": sorted(set(live.values())),
             "expected_per_device": want,
             "devices": len(live),
@@ -217,16 +250,14 @@ def process(directory: str) -> None:
 
 
 def single(directory: str) -> None:
-    """The one-device reference of `process` (same data, same steps)."""
+    """The one-device reference of `process`'s training (same data, same steps); its forward and gradients are
+    `reference`'s."""
     model = api.load(variant="tiny", dtype="float32", progress=False, layout="checkpoint")
-    np.save(os.path.join(directory, "logits single.npy"), forward(model))
-    loss, g = grads(model, nonzero_adapters(model.config))
-    np.savez(os.path.join(directory, "grads single.npz"), **_flat(g))
     trained = trained_checkpoint(os.path.join(directory, "train single"), None)
     adapters = loop.latest_adapters(os.path.join(directory, "train single"), model.config, LORA, TRAIN)
     np.savez(os.path.join(directory, "restored single.npz"), **_flat(sharding.to_host(adapters)))
     with open(os.path.join(directory, "single.json"), "w") as f:
-        json.dump({"loss": loss, "train_losses": trained.losses}, f)
+        json.dump({"train_losses": trained.losses}, f)
 
 
 def _flat(tree) -> dict:
@@ -235,4 +266,6 @@ def _flat(tree) -> dict:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    {"presets": presets, "restore": restore, "process": process, "single": single}[command](*args)
+    {"reference": reference, "presets": presets, "restore": restore, "process": process, "single": single}[command](
+        *args
+    )
