@@ -36,5 +36,5 @@ fi
 ruff check .
 ruff format --check .
 GEMMA4_STRICT=1 python -m pytest -q -m "slow or not slow" --durations=15 "$@"
-# Every notebook, headless, on its tiny offline defaults (one line each; a cell error fails the run).
-python scripts/run_notebooks.py
+# Every notebook, headless, on its tiny offline defaults (one line each; a cell error fails the run); two at once.
+python scripts/run_notebooks.py --jobs 2
