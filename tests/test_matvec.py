@@ -211,8 +211,19 @@ def test_greedy_unchanged(name, max_chunk, monkeypatch):
     assert Sampler(cfg, fast).generate(prompts, 64).tokens == Sampler(cfg, params).generate(prompts, 64).tokens
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "q4_0", "sfp8"])
-@pytest.mark.parametrize("name", ["tiny", "tiny_keqv"])
+@pytest.mark.parametrize(
+    "name, fmt",
+    # Every format on tiny; on tiny_keqv (K=V global layers) one 8-bit and one 4-bit format: each format's
+    # contractions on every tiny_keqv leaf are checked against float64 above.
+    [
+        ("tiny", "int8"),
+        ("tiny", "int4"),
+        ("tiny", "q4_0"),
+        ("tiny", "sfp8"),
+        ("tiny_keqv", "int8"),
+        ("tiny_keqv", "q4_0"),
+    ],
+)
 def test_quantized_greedy_unchanged(name, fmt, monkeypatch):
     """Quantized weights computing in float32: 64 greedy tokens identical in the decode layout and as packed
     `QuantizedWeight`s in the checkpoint layout (the LM head's fused form included), logits within float32
