@@ -17,7 +17,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e '.[test]'
 # Reference files nobody on this project wrote (Google's Gemma 4 chat template, llama.cpp's Gemma 4 vocab) are
 # read from the llama-cpp-python sdist; see tests/references.py.
 if [ ! -f .cache/sdist/llama_cpp_python-0.3.36.tar.gz ]; then
@@ -25,13 +24,27 @@ if [ ! -f .cache/sdist/llama_cpp_python-0.3.36.tar.gz ]; then
 fi
 # llama.cpp itself (llama-cpp-python, with its multimodal library mtmd) is the reference runtime of
 # tests/test_gguf*.py. It is not in the `test` extra: PyPI has it as an sdist only, a ~10-minute llama.cpp build on
-# 2 cores, which `pip install -e .[test]` would impose on everyone. Built here once from the sdist downloaded above;
+# 2 cores, which `pip install -e .[test]` would impose on everyone. Built here once from the sdist downloaded above,
+# in the background (CPU) while pip fetches the test dependencies (network), then installed with its dependencies;
 # --no-cache-dir so that a wheel cached from a build without mtmd (LLAVA_BUILD=OFF) is never reused.
+LLAMA_WHEELS=.cache/llama-wheel
+build=
 if ! python -c 'import llama_cpp, sys; from llama_cpp import mtmd_cpp; sys.exit(llama_cpp.__version__ != "0.3.36")' \
     2>/dev/null; then
+  rm -rf "$LLAMA_WHEELS"
+  (CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=ON}" python -m pip wheel -q --no-deps --no-cache-dir -w "$LLAMA_WHEELS" \
+    .cache/sdist/llama_cpp_python-0.3.36.tar.gz >.cache/llama-build.log 2>&1) &
+  build=$!
+fi
+python -m pip install -q -e '.[test]'
+if [ -n "$build" ]; then
+  if ! wait "$build"; then
+    tail -n 30 .cache/llama-build.log >&2
+    echo "test.sh: building llama-cpp-python 0.3.36 failed (whole log: .cache/llama-build.log)" >&2
+    exit 1
+  fi
   python -m pip uninstall -q -y llama-cpp-python 2>/dev/null || true
-  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=ON}" python -m pip install -q --no-cache-dir \
-    .cache/sdist/llama_cpp_python-0.3.36.tar.gz
+  python -m pip install -q "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl
 fi
 ruff check .
 ruff format --check .
