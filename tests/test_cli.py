@@ -147,6 +147,7 @@ def test_console_script_prints_no_traceback():
     )
 
 
+@pytest.mark.slow
 def test_compilation_cache(tmp_path, capsys):
     """Compiled programs land in $GEMMA4_JAX_CACHE (a second run loads them: bench/decode.py times both runs);
     --no-compile-cache and GEMMA4_JAX_CACHE=off write none, also where $JAX_COMPILATION_CACHE_DIR names a

@@ -98,7 +98,7 @@ def _with_kernel(params, kernel):
     return jax.tree.map(swap, params, is_leaf=matvec.is_decode_weight)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "q4_0"])
+@pytest.mark.parametrize("fmt", [pytest.param("int4", marks=pytest.mark.slow), "q4_0"])
 def test_model_with_the_kernel_equals_its_twin(fmt):
     """Tiny model, 4-bit weights computing in float32, decode layout: the kernel is what the one-row contractions
     use; the logits of a one-token forward are bit for bit those with the pure-JAX twin, and 48 greedy tokens are

@@ -77,10 +77,10 @@ def test_contractions_equal_float64(dtype, max_chunk, monkeypatch):
 EXPERT_CASES = [
     (matvec.MAX_CHUNK, None),
     (16, None),
-    (16, "int8/channel"),
-    (16, "int8/8"),
+    pytest.param(16, "int8/channel", marks=pytest.mark.slow),
+    pytest.param(16, "int8/8", marks=pytest.mark.slow),
     (16, "int4/8"),
-    (16, "sfp8"),
+    pytest.param(16, "sfp8", marks=pytest.mark.slow),
 ]
 
 
@@ -138,7 +138,7 @@ def test_expert_stacks_equal_float64(max_chunk, spec_text, monkeypatch):
 QUANT_SPECS = ["int8/channel", "int8/16", "q8_0", "int4/32", "int4/channel", "q4_0", "sfp8"]
 
 
-@pytest.mark.parametrize("max_chunk", [matvec.MAX_CHUNK, 16])
+@pytest.mark.parametrize("max_chunk", [pytest.param(matvec.MAX_CHUNK, marks=pytest.mark.slow), 16])
 @pytest.mark.parametrize("spec_text", QUANT_SPECS)
 def test_quantized_contractions_equal_float64(spec_text, max_chunk, monkeypatch):
     """Each decode-layout leaf of the tiny models quantized in each format, in the decode layout, for 1 and several
@@ -191,8 +191,16 @@ def test_quantized_contractions_equal_float64(spec_text, max_chunk, monkeypatch)
     assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_keqv", "tiny_moe"])
-@pytest.mark.parametrize("max_chunk", [matvec.MAX_CHUNK, 16])
+# The default tier: the dense models in several chunks; one chunk and tiny_moe in the slow tier.
+@pytest.mark.parametrize(
+    "max_chunk, name",
+    [
+        *(pytest.param(matvec.MAX_CHUNK, name, marks=pytest.mark.slow) for name in ("tiny", "tiny_keqv", "tiny_moe")),
+        (16, "tiny"),
+        (16, "tiny_keqv"),
+        pytest.param(16, "tiny_moe", marks=pytest.mark.slow),
+    ],
+)
 def test_greedy_unchanged(name, max_chunk, monkeypatch):
     """Float32 weights: 64 greedy tokens identical in both layouts; full-forward logits as close to the float64
     result as the checkpoint layout's (within 2x)."""
@@ -214,14 +222,11 @@ def test_greedy_unchanged(name, max_chunk, monkeypatch):
 @pytest.mark.parametrize(
     "name, fmt",
     # Every format on tiny; on tiny_keqv (K=V global layers) one 8-bit and one 4-bit format: each format's
-    # contractions on every tiny_keqv leaf are checked against float64 above.
+    # contractions on every tiny_keqv leaf are checked against float64 above. The default tier: tiny_keqv in int8.
     [
-        ("tiny", "int8"),
-        ("tiny", "int4"),
-        ("tiny", "q4_0"),
-        ("tiny", "sfp8"),
+        *(pytest.param("tiny", fmt, marks=pytest.mark.slow) for fmt in ("int8", "int4", "q4_0", "sfp8")),
         ("tiny_keqv", "int8"),
-        ("tiny_keqv", "q4_0"),
+        pytest.param("tiny_keqv", "q4_0", marks=pytest.mark.slow),
     ],
 )
 def test_quantized_greedy_unchanged(name, fmt, monkeypatch):
@@ -359,7 +364,9 @@ TEMPORARY_BOUNDS = {
 }
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "q4_0", "sfp8"])
+@pytest.mark.parametrize(
+    "fmt", [*(pytest.param(f, marks=pytest.mark.slow) for f in ("bf16", "int8", "int4")), "q4_0", "sfp8"]
+)
 def test_e2b_decode_step_has_no_weight_temporaries(fmt):
     """The compiled decode step of E2B at full width (`_e2b_10_layers`, PLE table on the host) in the decode layout
     keeps its temporaries
@@ -423,6 +430,7 @@ def test_moe_decode_step_reads_one_expert_at_a_time():
     assert temps["decode"] < 0.01 and temps["checkpoint"] > 0.5, temps
 
 
+@pytest.mark.slow
 def test_moe_prefill_reads_each_expert_in_its_stored_dtype():
     """26B-A4B at full width (6 of its 30 layers, bf16), compiled prefill of 64 tokens: in the decode layout the
     experts' rows go tile by tile through a loop, each tile against its expert alone in bf16 (temporaries < 2% of the

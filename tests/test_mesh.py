@@ -73,6 +73,7 @@ def _check_preset(name: str, r: dict, dense: bool) -> None:
     assert r["every_leaf_split_as_ruled"], where
 
 
+@pytest.mark.slow
 def test_fsdp_tp_matches_one_device(tmp_path, reference):
     _check_preset("tiny", _presets(tmp_path, reference, "tiny", "fsdp_tp")["fsdp_tp"], dense=True)
 
