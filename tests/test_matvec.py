@@ -5,6 +5,7 @@ free of whole-weight temporaries."""
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 
@@ -291,10 +292,10 @@ def _abstract_quantized(cfg, tree, fmt):
     return tree
 
 
-def _matvec_activation_operands(hlo: str) -> dict[str, list[str]]:
+def _matvec_activation_operands(hlo: str) -> dict[tuple[str, str], list[str]]:
     """For each loop fusion (of the entry computation or a loop's body) whose dot reads a weight (a parameter of
-    >= 2^18 elements; the attention's library dots over the cache are custom fusions): the shapes of its other
-    parameters but the weight's block scales, the activations."""
+    >= 2^18 elements; the attention's library dots over the cache are custom fusions), keyed by (the computation it
+    is in, its name): the shapes of its other parameters but the weight's block scales, the activations."""
     bodies, name = {}, None
     for line in hlo.splitlines():
         if line and not line.startswith(" ") and line.rstrip().endswith("{"):
@@ -303,18 +304,19 @@ def _matvec_activation_operands(hlo: str) -> dict[str, list[str]]:
         elif name:
             bodies[name].append(line)
     out = {}
-    for line in hlo.splitlines():
-        match = re.search(r"%(\S+) = \S+ fusion\(.*kind=kLoop, calls=%([\w.\-]+)", line)
-        if not match or not any(" dot(" in b for b in bodies.get(match.group(2), ())):
-            continue
-        params = [re.search(r"= (\w+\[[\d,]*\])", b).group(1) for b in bodies[match.group(2)] if " parameter(" in b]
-        dims = [[int(d) for d in re.findall(r"\d+", p.split("[")[1].split("]")[0])] for p in params]
-        sizes = [math.prod(d) for d in dims]
-        if max(sizes) >= 1 << 18:
-            rows = dims[sizes.index(max(sizes))][0]  # block scales [rows, blocks] are the weight's, not activations
-            out[match.group(1)] = [
-                p for p, d, size in zip(params, dims, sizes, strict=True) if size < 1 << 18 and d[:1] != [rows]
-            ]
+    for computation, lines in bodies.items():
+        for line in lines:
+            match = re.search(r"%(\S+) = \S+ fusion\(.*kind=kLoop, calls=%([\w.\-]+)", line)
+            if not match or not any(" dot(" in b for b in bodies.get(match.group(2), ())):
+                continue
+            params = [re.search(r"= (\w+\[[\d,]*\])", b).group(1) for b in bodies[match.group(2)] if " parameter(" in b]
+            dims = [[int(d) for d in re.findall(r"\d+", p.split("[")[1].split("]")[0])] for p in params]
+            sizes = [math.prod(d) for d in dims]
+            if max(sizes) >= 1 << 18:
+                rows = dims[sizes.index(max(sizes))][0]  # block scales [rows, blocks] are the weight's, not activations
+                out[computation, match.group(1)] = [
+                    p for p, d, size in zip(params, dims, sizes, strict=True) if size < 1 << 18 and d[:1] != [rows]
+                ]
     return out
 
 
@@ -421,9 +423,14 @@ def test_moe_decode_step_reads_one_expert_at_a_time():
         step = _compiled_step(cfg, tree, 1)
         temps[layout] = step.memory_analysis().temp_size_in_bytes / weight_bytes
         if layout == "decode":
-            matvecs = _matvec_activation_operands(step.as_text())
-            # per layer q/k/v/o-like dense matvecs, and the expert stacks' in the body of the loop over the 8 rows
-            assert len(matvecs) >= (4 + 3) * cfg.num_layers, len(matvecs)
+            hlo = step.as_text()
+            matvecs = _matvec_activation_operands(hlo)
+            # Per layer q/k/v/o-like dense matvecs in the step itself, and each expert stack's in the body of a loop
+            # over the 8 rows: one loop per stack and layer, gating's gate and up halves and linear in them.
+            loops = set(re.findall(r"while\(.*body=%([\w.\-]+)", hlo))
+            in_loops = collections.Counter(where for where, _ in matvecs if where in loops)
+            assert len(in_loops) == 2 * cfg.num_layers and sum(in_loops.values()) >= 3 * cfg.num_layers, in_loops
+            assert len(matvecs) - sum(in_loops.values()) >= 4 * cfg.num_layers, len(matvecs)
             # the activation rows float32 buffers (the s32 operands: the experts of the rows, the loop's counter)
             assert all(p.startswith(("f32[", "s32[")) for v in matvecs.values() for p in v)
     print(f"26b_a4b (6 layers): decode-step temporaries / weight bytes: {temps}")
