@@ -32,13 +32,17 @@ build=
 if ! python -c 'import llama_cpp, sys; from llama_cpp import mtmd_cpp; sys.exit(llama_cpp.__version__ != "0.3.36")' \
     2>/dev/null; then
   rm -rf "$LLAMA_WHEELS"
-  (CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=ON}" python -m pip wheel -q --no-deps --no-cache-dir -w "$LLAMA_WHEELS" \
-    .cache/sdist/llama_cpp_python-0.3.36.tar.gz >.cache/llama-build.log 2>&1) &
+  (CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=ON}" exec python -m pip wheel -q --no-deps --no-cache-dir \
+    -w "$LLAMA_WHEELS" .cache/sdist/llama_cpp_python-0.3.36.tar.gz >.cache/llama-build.log 2>&1) &
   build=$!
+  trap 'if [ -n "$build" ]; then kill "$build" 2>/dev/null || true; fi' EXIT  # the install below failed
 fi
 python -m pip install -q -e '.[test]'
 if [ -n "$build" ]; then
-  if ! wait "$build"; then
+  status=0
+  wait "$build" || status=$?
+  build=
+  if [ "$status" != 0 ]; then
     tail -n 30 .cache/llama-build.log >&2
     echo "test.sh: building llama-cpp-python 0.3.36 failed (whole log: .cache/llama-build.log)" >&2
     exit 1
