@@ -83,7 +83,8 @@ def main(argv=None) -> int:
         gen = sampler.generate(prompts, args.new_tokens)
         decode = args.batch * gen.decode_steps / gen.decode_seconds
         per_device = max(sharding.live_bytes_per_device(model.params).values())
-        share = sharding.device_share(cfg.text_only(), dict(model.mesh.shape), 2, args.prompt_len + args.new_tokens,
+        sizes = dict(model.mesh.shape) if model.mesh is not None else {}  # one device: no mesh
+        share = sharding.device_share(cfg.text_only(), sizes, 2, args.prompt_len + args.new_tokens,
                                       args.batch)  # fmt: skip
         devices_per_bandwidth = jax.device_count() if args.device == "cpu" else 1
         roofline = args.batch * bandwidth / ((per_device + share.kv_cache) * devices_per_bandwidth)
