@@ -85,22 +85,14 @@ class OtherLoad:
 
 
 def bench_config(variant: str, layers: int = 0):
-    """The preset `variant`, optionally cut to `layers` (a multiple of its layer pattern: 5 for E2B, 6 otherwise),
-    keeping its share of KV-owning layers; widths, vocabulary and PLE table unchanged."""
+    """The preset `variant`, optionally cut to `layers` (`config.cut_to_layers`); a bad --layers exits."""
     from gemma4_jax import config
+    from gemma4_jax.errors import Gemma4Error
 
-    cfg = config.get_config(variant)
-    if not layers or layers == cfg.num_layers:
-        return cfg
-    period = 5 if cfg.name in ("e2b",) else 6
-    if layers % period:
-        raise SystemExit(f"--layers must be a multiple of {period} for {cfg.name}")
-    types = config.repeat_pattern(cfg.layer_types[:period], layers)
-    owners = cfg.num_layers - cfg.num_kv_shared_layers
-    # Keep the share of KV-owning layers, ending on a whole pattern (llama.cpp reads the last local + global owner).
-    first_shared = period * max(1, round(layers * owners / cfg.num_layers / period)) if owners else 0
-    shared = layers - first_shared if cfg.num_kv_shared_layers else 0
-    return cfg.replace(name=f"{cfg.name}_{layers}l", layer_types=types, num_kv_shared_layers=shared)
+    try:
+        return config.cut_to_layers(config.get_config(variant), layers)
+    except Gemma4Error as e:
+        raise SystemExit(f"--{e}") from None
 
 
 def run_worker(script: str, kind: str, options: dict) -> dict | None:

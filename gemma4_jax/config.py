@@ -811,3 +811,20 @@ def get_config(name: str) -> Gemma4Config:
     if key not in PRESETS:
         raise Gemma4Error(f"unknown variant {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[key]
+
+
+def cut_to_layers(cfg: Gemma4Config, layers: int) -> Gemma4Config:
+    """`cfg` at full width cut to `layers` (a multiple of its layer pattern: 5 for E2B, 6 otherwise), keeping its
+    share of KV-owning layers; widths, vocabulary and PLE table unchanged. For benchmarks and compile-time checks of
+    a real width without every layer."""
+    if not layers or layers == cfg.num_layers:
+        return cfg
+    period = 5 if cfg.name in ("e2b",) else 6
+    if layers % period:
+        raise Gemma4Error(f"layers must be a multiple of {period} for {cfg.name}, got {layers}")
+    types = repeat_pattern(cfg.layer_types[:period], layers)
+    owners = cfg.num_layers - cfg.num_kv_shared_layers
+    # Keep the share of KV-owning layers, ending on a whole pattern (llama.cpp reads the last local + global owner).
+    first_shared = period * max(1, round(layers * owners / cfg.num_layers / period)) if owners else 0
+    shared = layers - first_shared if cfg.num_kv_shared_layers else 0
+    return cfg.replace(name=f"{cfg.name}_{layers}l", layer_types=types, num_kv_shared_layers=shared)

@@ -330,16 +330,12 @@ def _e2b_10_layers():
     A step's temporaries are per layer (each layer's freed before the next), so depth only costs compile time:
     the 35-layer step measured the same fractions (bf16 0.17 %, int8 0.33 % at batch 1) against 0.19 % and 0.37 %
     here, where the embedding table is a larger share of the weights."""
-    cfg = config.get_config("e2b").text_only()
-    return cfg.replace(
-        name="e2b_10l", layer_types=config.repeat_pattern(cfg.layer_types[:5], 10), num_kv_shared_layers=5
-    )
+    return config.cut_to_layers(config.get_config("e2b"), 10).text_only()
 
 
 def _moe_6_layers():
     """26B-A4B at full width, 6 of its 30 layers (one local/global pattern), text only."""
-    cfg = config.get_config("26b_a4b").text_only()
-    return cfg.replace(name="26b_a4b_6l", layer_types=config.repeat_pattern(cfg.layer_types[:6], 6))
+    return config.cut_to_layers(config.get_config("26b_a4b"), 6).text_only()
 
 
 def _compiled_step(cfg, tree, batch):
@@ -371,11 +367,10 @@ TEMPORARY_BOUNDS = {
 )
 def test_e2b_decode_step_has_no_weight_temporaries(fmt):
     """The compiled decode step of E2B at full width (`_e2b_10_layers`, PLE table on the host) in the decode layout
-    keeps its temporaries
-    a small fraction of the weight bytes (`TEMPORARY_BOUNDS`), for each weight format: at batch 1 every
-    contraction is a fused 1-D dot reading the stored bytes; at batch 4 quantized chunks are dequantized layer by
-    layer, not all up front. In the checkpoint layout XLA:CPU converts every bf16 weight to float32 up front
-    (measured 7.5 GB), which is what the layout is for."""
+    keeps its temporaries a small fraction of the weight bytes (`TEMPORARY_BOUNDS`), for each weight format: at
+    batch 1 every contraction is a fused 1-D dot reading the stored bytes; at batch 4 quantized chunks are
+    dequantized layer by layer, not all up front. In the checkpoint layout XLA:CPU converts every bf16 weight to
+    float32 up front (measured 7.5 GB), which is what the layout is for."""
     cfg = _e2b_10_layers()
     temps = {}
     for (weights, layout, batch), bound in TEMPORARY_BOUNDS.items():
