@@ -252,9 +252,10 @@ def process(directory: str) -> None:
 def single(directory: str) -> None:
     """The one-device reference of `process`'s training (same data, same steps); its forward and gradients are
     `reference`'s."""
-    model = api.load(variant="tiny", dtype="float32", progress=False, layout="checkpoint")
+    from gemma4_jax.config import get_config
+
     trained = trained_checkpoint(os.path.join(directory, "train single"), None)
-    adapters = loop.latest_adapters(os.path.join(directory, "train single"), model.config, LORA, TRAIN)
+    adapters = loop.latest_adapters(os.path.join(directory, "train single"), get_config("tiny"), LORA, TRAIN)
     np.savez(os.path.join(directory, "restored single.npz"), **_flat(sharding.to_host(adapters)))
     with open(os.path.join(directory, "single.json"), "w") as f:
         json.dump({"train_losses": trained.losses}, f)

@@ -132,11 +132,9 @@ def test_two_processes_and_restore_on_other_meshes(tmp_path, reference):
     assert np.array_equal(logits[0], logits[1])
     assert np.abs(logits[0] - ref).max() <= 1e-5 * np.abs(ref).max()
     assert abs(info[0]["loss"] - numbers["loss"]) <= 2e-6
-    grads = np.load(tmp_path / "grads 0.npz")
-    grads_ref = one_device["grads"]
-    assert sorted(grads.files) == sorted(grads_ref)
-    scale = max(np.abs(grads_ref[k]).max() for k in grads_ref)
-    assert max(np.abs(grads[k] - grads_ref[k]).max() for k in grads_ref) <= 2e-5 * scale
+    with np.load(tmp_path / "grads 0.npz") as grads:  # same paths as the reference's, or max_abs_flat fails
+        error = mesh_worker.max_abs_flat(dict(grads), one_device["grads"])
+    assert error <= 2e-5 * mesh_worker.max_of(one_device["grads"])
     # Three Adam steps: the same losses as one process to f32 summation order.
     for step, loss in single["train_losses"].items():
         assert abs(info[0]["train_losses"][step] - loss) <= 1e-5 * abs(loss)
