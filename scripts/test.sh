@@ -32,7 +32,12 @@ build=
 if ! python -c 'import llama_cpp, sys; from llama_cpp import mtmd_cpp; sys.exit(llama_cpp.__version__ != "0.3.36")' \
     2>/dev/null; then
   rm -rf "$LLAMA_WHEELS"
-  (CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=ON}" exec python -m pip wheel -q --no-deps --no-cache-dir \
+  # Only the libraries the bindings load (llama, ggml, mtmd): llama-cpp-python forces llama.cpp's `common` library
+  # on (its CLI helpers and an HTTP client, a third of the build), which this include turns off again right after
+  # llama.cpp's project() call.
+  printf 'set(LLAMA_BUILD_COMMON OFF)\n' >.cache/llama-no-common.cmake
+  default_args="-DLLAVA_BUILD=ON -DCMAKE_PROJECT_llama.cpp_INCLUDE=$PWD/.cache/llama-no-common.cmake"
+  (CMAKE_ARGS="${CMAKE_ARGS:-$default_args}" exec python -m pip wheel -q --no-deps --no-cache-dir \
     -w "$LLAMA_WHEELS" .cache/sdist/llama_cpp_python-0.3.36.tar.gz >.cache/llama-build.log 2>&1) &
   build=$!
   trap 'if [ -n "$build" ]; then kill "$build" 2>/dev/null || true; fi' EXIT  # the install below failed
