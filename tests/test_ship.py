@@ -103,9 +103,16 @@ def _argv(ckpt: str, chats: str, out: str) -> list[str]:
     return ["ship", "--checkpoint", ckpt, "--data", chats, "--targets", TARGETS, "-o", out, *SHIP_ARGS]
 
 
-def _spawn(argv: list[str]) -> subprocess.Popen:
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> str:
+    """The CLI's compilation cache (on for users, off for the tests) in a directory of this module's own: the
+    killed and resumed runs load what the uninterrupted run compiled, as a user's second run would."""
+    return str(tmp_path_factory.mktemp("ship_xla_cache"))
+
+
+def _spawn(argv: list[str], cache: str) -> subprocess.Popen:
     # SOURCE_DATE_EPOCH: the .litertlm's creation time (reproducible builds; its uuid derives from its contents)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", SOURCE_DATE_EPOCH="1767225600")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SOURCE_DATE_EPOCH="1767225600", GEMMA4_JAX_CACHE=cache)
     return subprocess.Popen(
         [sys.executable, "-m", "gemma4_jax.cli", *argv],
         stdout=subprocess.PIPE,
@@ -115,10 +122,10 @@ def _spawn(argv: list[str]) -> subprocess.Popen:
     )
 
 
-def _run(argv: list[str], kill_when=None, timeout: float = 400) -> tuple[int, str]:
-    """Runs the CLI in a subprocess; with `kill_when(line)` SIGKILLs it at the first output line it accepts.
-    Returns (exit status, output)."""
-    proc = _spawn(argv)
+def _run(argv: list[str], cache: str, kill_when=None, timeout: float = 400) -> tuple[int, str]:
+    """Runs the CLI in a subprocess (compiled programs kept in `cache`); with `kill_when(line)` SIGKILLs it at the
+    first output line it accepts. Returns (exit status, output)."""
+    proc = _spawn(argv, cache)
     lines, deadline = [], time.monotonic() + timeout
     for line in proc.stdout:
         lines.append(line)
@@ -136,10 +143,10 @@ def _manifest(out: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(inputs, tmp_path_factory):
+def uninterrupted(inputs, compile_cache, tmp_path_factory):
     ckpt, chats, _ = inputs
     out = str(tmp_path_factory.mktemp("ship_runs") / "full")
-    code, log = _run(_argv(ckpt, chats, out))
+    code, log = _run(_argv(ckpt, chats, out), compile_cache)
     print(log[-4000:])
     return code, log, out
 
@@ -240,23 +247,23 @@ def test_corrupted_artifact_fails_its_row(uninterrupted, inputs, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_killed_ship_resumes_without_redoing_and_matches_bytes(uninterrupted, inputs, tmp_path):
+def test_killed_ship_resumes_without_redoing_and_matches_bytes(uninterrupted, inputs, compile_cache, tmp_path):
     ckpt, chats, _ = inputs
     out = str(tmp_path / "killed")
     argv = _argv(ckpt, chats, out)
 
     # Run 1: killed during the fine-tune, after some training steps.
-    code, log1 = _run(argv, kill_when=lambda line: line.startswith("training:") and "(4 / 8)" in line)
+    code, log1 = _run(argv, compile_cache, kill_when=lambda line: line.startswith("training:") and "(4 / 8)" in line)
     assert code == -signal.SIGKILL, log1[-2000:]
     assert "export" not in _manifest(out)["stages"] and "finetune" not in _manifest(out)["stages"]
     # Run 2: resumes the fine-tune from its checkpoint; killed during the LiteRT export (its temporary is there).
-    code, log2 = _run(argv, kill_when=lambda line: line.startswith("[litert] weights bound"))
+    code, log2 = _run(argv, compile_cache, kill_when=lambda line: line.startswith("[litert] weights bound"))
     assert code == -signal.SIGKILL, log2[-2000:]
     assert "resuming from step" in log2
     stale = [n for n in os.listdir(out) if n.startswith(".litert-int4.gemma4-jax-tmp-")]
     assert stale, os.listdir(out)
     # Run 3: finishes; nothing finished before is redone, the stale temporary is removed.
-    code, log3 = _run(argv)
+    code, log3 = _run(argv, compile_cache)
     assert code == 0, log3[-3000:]
     runs = {stage: record["run"] for stage, record in _manifest(out)["stages"].items()}
     assert runs == {
