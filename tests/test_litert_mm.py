@@ -248,16 +248,25 @@ def _decisive(name: str, media, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def decisive_mm(media, tokenizer_dir):
-    return _decisive("tiny_mm", media, tokenizer_dir)
+    """decisive_mm(name) -> `_decisive(name, ...)`, trained once per module (both towers tests and both engine
+    tests use each model)."""
+    trained = {}
+
+    def get(name: str):
+        if name not in trained:
+            trained[name] = _decisive(name, media, tokenizer_dir)
+        return trained[name]
+
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny_mm", "tiny_mm_bidi"])
-def test_towers_equal_jax(name, media, tokenizer_dir, decisive_mm, tmp_path):
+def test_towers_equal_jax(name, decisive_mm, tmp_path):
     """Each tower model in the interpreter vs our JAX encoder, float and int8, on the photos and the speech."""
     from gemma4_jax.sources import TreeSource
 
-    cfg, params, items, _ = decisive_mm if name == "tiny_mm" else _decisive(name, media, tokenizer_dir)
+    cfg, params, items, _ = decisive_mm(name)
     source = TreeSource(cfg, params)
     parts = litert_towers.select_parts(cfg, None)
     assert parts == (["vision", "audio"] if name == "tiny_mm" else ["vision"])
@@ -330,7 +339,7 @@ def test_engine_media_prompts_equal_jax(name, decisive_mm, media, tokenizer_dir,
 
     from gemma4_jax.hf_format import save_hf_checkpoint
 
-    cfg, params, items, examples = decisive_mm if name == "tiny_mm" else _decisive(name, media, tokenizer_dir)
+    cfg, params, items, examples = decisive_mm(name)
     photos, clips = media
     # tiny_mm_bidi: an image and its prompt in one prefill call; the causal answers (examples past the items).
     prefill = 2 * PREFILL_LEN if cfg.vision_bidirectional else PREFILL_LEN
