@@ -3,7 +3,7 @@
 Sharded runs happen in subprocesses (tests/mesh_worker.py): JAX fixes the number of host devices when it starts.
 Tolerances, measured on this project's CI machine (2 cores, XLA:CPU):
 - float64: logits, loss and adapter gradients equal one device's to <= 1e-12 relative (measured <= 2e-14): the
-  sharded programs compute the same function.
+  sharded programs compute the same function (both sides compiled as mesh_worker.FLOAT64_COMPILE says).
 - float32: the same quantities differ by summation order only (a contraction split across devices, gradients
   summed shard by shard): logits <= 1e-5 x max|logit| (measured 2.1e-5 at max 4.2, i.e. 5e-6), loss <= 2e-6 (4
   ulps at 6.7; measured 9.5e-7), gradients <= 2e-5 x max|g| (measured 1.1e-5). One device alone differs by 1.5e-5
