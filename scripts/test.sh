@@ -23,7 +23,7 @@ if [ ! -f .cache/sdist/llama_cpp_python-0.3.36.tar.gz ]; then
   python -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d .cache/sdist
 fi
 # llama.cpp itself (llama-cpp-python, with its multimodal library mtmd) is the reference runtime of
-# tests/test_gguf*.py. It is not in the `test` extra: PyPI has it as an sdist only, a ~10-minute llama.cpp build on
+# tests/test_gguf*.py. It is not in the `test` extra: PyPI has it as an sdist only, a ~9-minute llama.cpp build on
 # 2 cores, which `pip install -e .[test]` would impose on everyone. Built here once from the sdist downloaded above,
 # in the background (CPU) while pip fetches the test dependencies (network), then installed with its dependencies;
 # --no-cache-dir so that a wheel cached from a build without mtmd (LLAVA_BUILD=OFF) is never reused.
