@@ -37,8 +37,8 @@ def lora_for(config) -> lora_lib.LoraConfig:
 
 
 # The float64 runs show that a sharded program computes the same function as one device's (<= 1e-12). They compile
-# without XLA:CPU's backend optimizations (measured: the gradients compile ~3x faster), which moves float64 results
-# by round-off only; the float32 runs, whose numbers users get, compile as users' programs do.
+# without XLA:CPU's backend optimizations (measured on tiny fsdp_tp: gradients 46 -> 33 s, forward 12.5 -> 9.2 s),
+# which moves float64 results by round-off only; the float32 runs, whose numbers users get, compile as users' do.
 FLOAT64_COMPILE = {"xla_backend_optimization_level": 0}
 
 TRAIN = loop.TrainConfig(batch=8, accumulation=2, seq_len=16, steps=3, lr=1e-2, warmup_steps=0, save_every=3)
