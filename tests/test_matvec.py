@@ -29,6 +29,26 @@ EQUATIONS = {
 }
 
 
+# Jitted, as the model runs them: XLA fuses each form the way it does inside the model (what the float64 checks are
+# for), and one program per shape compiles several times faster than dispatching every operation on its own.
+_einsum = jax.jit(lambda eqn, weight, x: weight.einsum(eqn, x), static_argnums=0)
+_float32 = jax.jit(lambda weight: weight.materialize(jnp.float32))
+_logits = jax.jit(lambda params, tokens, cfg: model.apply(params, tokens, config=cfg)[0], static_argnums=2)
+
+
+@pytest.fixture
+def set_max_chunk(monkeypatch):
+    """set_max_chunk(n): matvec.MAX_CHUNK = n for one test. Tracing reads it (the LM head's chunks), so no program
+    traced under another value may be reused: the jitted functions' caches are dropped now and after the test."""
+
+    def set_to(max_chunk: int) -> None:
+        monkeypatch.setattr(matvec, "MAX_CHUNK", max_chunk)
+        jax.clear_caches()
+
+    yield set_to
+    jax.clear_caches()
+
+
 def _leaves(cfg):
     return [leaf for leaf in param_spec.param_spec(cfg) if matvec.uses_decode_layout(leaf)]
 
@@ -43,11 +63,11 @@ def _x_shape(eqn, leaf, rows):
 
 @pytest.mark.parametrize("max_chunk", [matvec.MAX_CHUNK, 16])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_contractions_equal_float64(dtype, max_chunk, monkeypatch):
+def test_contractions_equal_float64(dtype, max_chunk, set_max_chunk):
     """Each decode-layout leaf of E2B-style, K=V and MoE tiny models, for 1, 2, 5 and 16 activation rows, vs
     numpy float64 on the same (rounded) numbers: <= 2e-6 of max |y| with float32 weights, <= 2^-7 with bf16 (the
     result is rounded to bf16). max_chunk 16 cuts every contracted length into several chunks."""
-    monkeypatch.setattr(matvec, "MAX_CHUNK", max_chunk)
+    set_max_chunk(max_chunk)
     rng = np.random.default_rng(0)
     tol = 2e-6 if dtype == jnp.float32 else 2.0**-7
     checked = 0
@@ -65,12 +85,12 @@ def test_contractions_equal_float64(dtype, max_chunk, monkeypatch):
             for rows in ((1, 1), (2, 1), (1, 5), (2, 8)):
                 x = np.asarray(jnp.asarray(rng.normal(size=_x_shape(eqn, leaf, rows)), dtype), np.float64)
                 want = np.einsum(eqn, x, w)
-                got = np.asarray(weight.einsum(eqn, jnp.asarray(x, dtype)), np.float64)
+                got = np.asarray(_einsum(eqn, weight, jnp.asarray(x, dtype)), np.float64)
                 assert got.shape == want.shape
                 err = np.abs(got - want).max() / np.abs(want).max()
                 assert err <= tol, (name, leaf.name, rows, err)
                 checked += 1
-            np.testing.assert_array_equal(np.asarray(weight.materialize(jnp.float32), np.float64), w)
+            np.testing.assert_array_equal(np.asarray(_float32(weight), np.float64), w)
     assert checked > 40
 
 
@@ -86,7 +106,7 @@ EXPERT_CASES = [
 
 
 @pytest.mark.parametrize(("max_chunk", "spec_text"), EXPERT_CASES)
-def test_expert_stacks_equal_float64(max_chunk, spec_text, monkeypatch):
+def test_expert_stacks_equal_float64(max_chunk, spec_text, set_max_chunk):
     """The MoE expert stacks (tiny_moe) in the decode layout, through `ragged_einsum` as the MoE calls it: rows
     sorted by expert with empty experts and rows past the last group, 1-16 rows (read expert by expert) and 80
     (tiles of rows, each against its expert: several tiles per expert, partly filled ones), vs numpy float64 per
@@ -96,7 +116,7 @@ def test_expert_stacks_equal_float64(max_chunk, spec_text, monkeypatch):
     from gemma4_jax.quant import parse_spec
     from gemma4_jax.quant.weight import quantize_leaf
 
-    monkeypatch.setattr(matvec, "MAX_CHUNK", max_chunk)
+    set_max_chunk(max_chunk)
     cfg = config.get_config("tiny_moe")
     rng = np.random.default_rng(5)
     checked = 0
@@ -113,7 +133,7 @@ def test_expert_stacks_equal_float64(max_chunk, spec_text, monkeypatch):
                 q = quantize_leaf(
                     jnp.asarray(rng.normal(size=leaf.shape), jnp.float32), parse_spec(spec_text), leaf, dtype
                 )
-                w = np.asarray(q.materialize(jnp.float32), np.float64)
+                w = np.asarray(_float32(q), np.float64)
                 weight = matvec.to_decode_weight(q, leaf)
             assert weight.shape == leaf.shape and len(weight.data) >= 1
             for m in (1, 3, 16, 80):
@@ -141,7 +161,7 @@ QUANT_SPECS = ["int8/channel", "int8/16", "q8_0", "int4/32", "int4/channel", "q4
 
 @pytest.mark.parametrize("max_chunk", [pytest.param(matvec.MAX_CHUNK, marks=pytest.mark.slow), 16])
 @pytest.mark.parametrize("spec_text", QUANT_SPECS)
-def test_quantized_contractions_equal_float64(spec_text, max_chunk, monkeypatch):
+def test_quantized_contractions_equal_float64(spec_text, max_chunk, set_max_chunk, monkeypatch):
     """Each decode-layout leaf of the tiny models quantized in each format, in the decode layout, for 1 and several
     activation rows, vs numpy float64 on the dequantized weight: <= 2e-6 of max |y| computing in float32, <= 2^-7
     in bf16. The codes and scales come back bit for bit (`checkpoint_weight`), and a one-chunk quantized table
@@ -150,7 +170,7 @@ def test_quantized_contractions_equal_float64(spec_text, max_chunk, monkeypatch)
     from gemma4_jax.quant import parse_spec
     from gemma4_jax.quant.weight import QuantizedWeight, quantize_leaf
 
-    monkeypatch.setattr(matvec, "MAX_CHUNK", max_chunk)
+    set_max_chunk(max_chunk)
     monkeypatch.setenv("GEMMA4_JAX_CPU_KERNELS", "0")
     spec = parse_spec(spec_text)
     rng = np.random.default_rng(1)
@@ -163,7 +183,7 @@ def test_quantized_contractions_equal_float64(spec_text, max_chunk, monkeypatch)
                 continue
             for dtype, tol in ((jnp.float32, 2e-6), (jnp.bfloat16, 2.0**-7)):
                 q = quantize_leaf(jnp.asarray(rng.normal(size=leaf.shape), jnp.float32), spec, leaf, dtype)
-                w = np.asarray(q.materialize(jnp.float32), np.float64)
+                w = np.asarray(_float32(q), np.float64)
                 weight = matvec.to_decode_weight(q, leaf)
                 assert weight.format == spec.format and weight.nbytes == q.nbytes
                 # A chunk holds whole blocks: with max_chunk 16, a 32-block (Q8_0) stays one chunk
@@ -171,7 +191,7 @@ def test_quantized_contractions_equal_float64(spec_text, max_chunk, monkeypatch)
                 for rows in ((1, 1), (2, 1), (2, 8)):
                     x = np.asarray(jnp.asarray(rng.normal(size=_x_shape(eqn, leaf, rows)), dtype), np.float64)
                     want = np.einsum(eqn, x, w)
-                    got = np.asarray(weight.einsum(eqn, jnp.asarray(x, dtype)), np.float64)
+                    got = np.asarray(_einsum(eqn, weight, jnp.asarray(x, dtype)), np.float64)
                     err = np.abs(got - want).max() / np.abs(want).max()
                     assert err <= tol, (name, leaf.name, dtype, rows, err)
                     checked += 1
@@ -187,7 +207,7 @@ def test_quantized_contractions_equal_float64(spec_text, max_chunk, monkeypatch)
     assert matvec.fused_lm_head(x, table) == (leaf.shape[1] <= max_chunk)  # one chunk, read in place
     if leaf.shape[1] > max_chunk:
         return
-    want = np.einsum("btd,vd->btv", np.asarray(x, np.float64), np.asarray(table.materialize(jnp.float32), np.float64))
+    want = np.einsum("btd,vd->btv", np.asarray(x, np.float64), np.asarray(_float32(table), np.float64))
     got = np.asarray(jax.jit(matvec.lm_head)(x, table), np.float64)
     assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
 
@@ -202,18 +222,18 @@ def test_quantized_contractions_equal_float64(spec_text, max_chunk, monkeypatch)
         pytest.param(16, "tiny_moe", marks=pytest.mark.slow),
     ],
 )
-def test_greedy_unchanged(name, max_chunk, monkeypatch):
+def test_greedy_unchanged(name, max_chunk, set_max_chunk):
     """Float32 weights: 64 greedy tokens identical in both layouts; full-forward logits as close to the float64
     result as the checkpoint layout's (within 2x)."""
-    monkeypatch.setattr(matvec, "MAX_CHUNK", max_chunk)
+    set_max_chunk(max_chunk)
     cfg = config.get_config(name)
     params = model.init_params(cfg, seed=1, dtype=jnp.float32)
     fast = matvec.decode_layout(params, cfg)
     assert any(isinstance(w, matvec.DecodeWeight) for w in jax.tree.leaves(fast, is_leaf=matvec.is_decode_weight))
     tokens = np.asarray([[2, 5, 9, 33, 17, 4, 90, 11]])
     with jax.enable_x64(True):
-        exact = np.asarray(model.apply(jax.tree.map(lambda w: w.astype(jnp.float64), params), tokens, config=cfg)[0])
-    plain, chunked = (np.abs(np.asarray(model.apply(p, tokens, config=cfg)[0]) - exact).max() for p in (params, fast))
+        exact = np.asarray(_logits(jax.tree.map(lambda w: w.astype(jnp.float64), params), tokens, cfg))
+    plain, chunked = (np.abs(np.asarray(_logits(p, tokens, cfg)) - exact).max() for p in (params, fast))
     print(f"{name}: max |dlogit| vs float64: checkpoint layout {plain:.3g}, decode layout {chunked:.3g}")
     assert chunked <= 2 * plain + 1e-6  # float32 round-off of another summation order, no worse
     prompts = [[2, 5, 9], [2, 40, 41, 42, 43]]
@@ -243,11 +263,12 @@ def test_quantized_greedy_unchanged(name, fmt, monkeypatch):
     kinds = {w.format for w in jax.tree.leaves(fast, is_leaf=matvec.is_decode_weight) if matvec.is_decode_weight(w)}
     assert fmt in kinds
     tokens = np.asarray([[2, 5, 9, 33, 17, 4, 90, 11]])
-    a, b = (np.asarray(model.apply(p, tokens, config=cfg)[0]) for p in (packed, fast))
+    a, b = (np.asarray(_logits(p, tokens, cfg)) for p in (packed, fast))
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
-    prompts = [[2, 5, 9], [2, 40, 41, 42, 43]]
-    assert Sampler(cfg, fast).generate(prompts, 64).tokens == Sampler(cfg, packed).generate(prompts, 64).tokens
-    assert Sampler(cfg, fast).generate(prompts[:1], 64).tokens == Sampler(cfg, packed).generate(prompts[:1], 64).tokens
+    # Each prompt alone: the prefill's 16 rows take the several-row form of every contraction, the steps the one-row
+    # form (a batch of two would take the several-row form again). Both prompts share one compiled prefill and step.
+    for prompt in ([2, 5, 9], [2, 40, 41, 42, 43]):
+        assert Sampler(cfg, fast).generate([prompt], 64).tokens == Sampler(cfg, packed).generate([prompt], 64).tokens
 
 
 def _abstract_decode_layout(cfg, tree):
