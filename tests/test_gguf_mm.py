@@ -27,6 +27,7 @@ import sys
 import tarfile
 
 import decisive
+import jax
 import numpy as np
 import pytest
 from mm_reference import hf_mm_model
@@ -45,6 +46,7 @@ BUDGET = 70
 SIZES = {"astronaut": (336, 432), "coffee": (384, 384)}  # (height, width): fixed points at 70 soft tokens
 SPEECH = ("Hello from Gemma.", "The sea is wide and blue.")
 NEW_TOKENS = 6
+_forward = jax.jit(model.apply, static_argnames="config")
 
 
 def _cli(capsys, *argv) -> tuple[int, str, str]:
@@ -202,7 +204,6 @@ def decisive_export(hf_checkpoint, media, tmp_path_factory):
 def _f16_patch_embedding(params, medium):
     """(params, config, image) for our encoder with mtmd's patch-embedding rounding: the pixels (scaled to [-1, 1])
     and the patch kernel rounded to f16."""
-    import jax
 
     params = jax.tree_util.tree_map(lambda x: x, jax.device_get(params))  # a new tree; leaves shared
     entry = dict(params["vision_encoder"]["entry"])
@@ -240,7 +241,7 @@ def test_mtmd_image_and_audio_prompts_match_jax(mmproj_quant, decisive_export, m
             err = np.abs(theirs - ours).max() / np.abs(ours).max()
             logits, greedy = runner.generate(chunks, NEW_TOKENS)
             extra = dict(soft_tokens=soft.embeddings[None], soft_mask=soft.mask[None], blocks=soft.blocks[None])
-            reference = np.asarray(model.apply(params, np.asarray([ids]), config=CFG, **extra)[0][0, -1], np.float32)
+            reference = np.asarray(_forward(params, np.asarray([ids]), config=CFG, **extra)[0][0, -1], np.float32)
             diff = np.abs(logits - reference).max()
             print(f"mmproj {mmproj_quant} {kind} ({medium.num_tokens} soft tokens): soft tokens max rel diff "
                   f"{err:.2e}, logits after the prompt max diff {diff:.2e} (std {reference.std():.2f})")  # fmt: skip
@@ -267,7 +268,6 @@ def _tensor_bytes(path: str) -> dict[str, bytes]:
 def test_mmproj_of_merged_lora_and_quantized_checkpoints(hf_checkpoint, tmp_path, capsys):
     """A merged LoRA fine-tune and a quantized checkpoint carry the encoders over unchanged: their mmproj files
     hold the base checkpoint's bytes, while the text GGUF of the merge does change."""
-    import jax
     import jax.numpy as jnp
 
     from gemma4_jax.train import lora

@@ -111,6 +111,8 @@ def test_model_with_the_kernel_equals_its_twin(fmt):
     assert {w.kernel for w in used if w.format == fmt} == {"ffi"}
     twin, plain = _with_kernel(fast, "jax"), _with_kernel(fast, None)
     token = np.asarray([[17]])
+    # Op by op (not jitted): inside one jitted model XLA fuses the twin's arithmetic with its neighbours (measured:
+    # a few ulps apart), so only the eager forward states that the two compute the same function.
     a, b, c = (np.asarray(model.apply(p, token, config=cfg)[0]) for p in (fast, twin, plain))
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
     assert 0 < np.abs(a - c).max() < 0.05 * np.abs(c).max()

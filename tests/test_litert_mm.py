@@ -28,10 +28,11 @@ import os
 import shutil
 
 import decisive
+import jax
 import numpy as np
 import pytest
 
-from gemma4_jax import audio_features, cli, config, image, multimodal
+from gemma4_jax import audio, audio_features, cli, config, image, model, multimodal, vision
 from gemma4_jax.export import litert, litert_towers
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -41,6 +42,13 @@ FRAMES = 400  # audio frames per encoder call (4 s, covers the clips)
 SIZES = {"astronaut": (336, 432), "coffee": (384, 384)}  # (height, width): fixed points at 70 soft tokens
 SPEECH = ("Hello from Gemma.", "The sea is wide and blue.")
 NEW_TOKENS = 6
+# Our side of each comparison, jitted as the library runs it (one program per shape; eager dispatch would compile
+# every operation on its own).
+_forward = jax.jit(model.apply, static_argnames="config")
+_encoders = {
+    "image": (jax.jit(vision.encode, static_argnums=3), jax.jit(vision.project, static_argnums=2)),
+    "audio": (jax.jit(audio.encode, static_argnums=3), jax.jit(audio.project, static_argnums=2)),
+}
 PREFILL_LEN, CACHE_LEN = 64, 256
 # Dynamic-range int8 towers vs JAX on the same int8 weights, max |diff| / max(1, max |output|): measured 0.005 ..
 # 0.038 on these models and inputs (the largest: tiny_mm_bidi's vision encoder, whose standardization scales the
@@ -130,7 +138,6 @@ def test_bidirectional_prefill_equals_jax(tmp_path):
     two images — and with causal masks it does not (the check can fail)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from gemma4_jax import model
     from gemma4_jax.export import litert_graph
 
     cfg = config.get_config("tiny_mm_bidi")
@@ -148,7 +155,7 @@ def test_bidirectional_prefill_equals_jax(tmp_path):
     rng = np.random.default_rng(0)
     soft_tokens = np.where(soft[:, None], rng.normal(size=(t, cfg.embed_dim)), 0).astype(np.float32)
     want = np.asarray(
-        model.apply(
+        _forward(
             params,
             np.asarray([ids]),
             config=cfg,
@@ -295,17 +302,14 @@ def test_towers_equal_jax(name, decisive_mm, tmp_path):
 
 def _references(cfg, weights, kind, medium):
     """Our JAX encoder on one medium padded to the exported shapes ({file: (inputs, outputs)})."""
-    import jax.numpy as jnp
-
-    from gemma4_jax import audio, vision
-
+    encode, project = _encoders[kind]
     if kind == "image":
         tree = litert_towers.plain_tree(weights["vision"])
         patches, positions = medium.patches[None], medium.positions[None]
-        tokens, valid = vision.encode(tree["vision_encoder"], patches, positions, cfg.vision)
+        tokens, valid = encode(tree["vision_encoder"], patches, positions, cfg.vision)
         tokens, valid = np.asarray(tokens), np.asarray(valid)
         assert valid.sum() == medium.num_tokens
-        embedded = np.asarray(vision.project(tree["embedder"]["mm_input_projection"], jnp.asarray(tokens), cfg.vision))
+        embedded = np.asarray(project(tree["embedder"]["mm_input_projection"], tokens, cfg.vision))
         return {
             "vision_encoder.tflite": (
                 {"images": patches, "positions_xy": positions},
@@ -317,10 +321,10 @@ def _references(cfg, weights, kind, medium):
     features = np.zeros((1, FRAMES, medium.features.shape[-1]), np.float32)
     mask = np.zeros((1, FRAMES), bool)
     features[0, : len(medium.mask)], mask[0, : len(medium.mask)] = medium.features, medium.mask
-    encoded, valid = audio.encode(tree, features, mask, cfg.audio)
+    encoded, valid = encode(tree, features, mask, cfg.audio)
     encoded, valid = np.asarray(encoded), np.asarray(valid)
     assert valid.sum() == medium.num_tokens
-    projected = np.asarray(audio.project(tree, jnp.asarray(encoded), cfg.audio)) * valid[..., None]
+    projected = np.asarray(project(tree, encoded, cfg.audio)) * valid[..., None]
     return {
         "audio_encoder.tflite": ({"src_inputs": features, "mask": mask[:, None]}, {"features": encoded, "mask": valid}),
         "audio_adapter.tflite": ({"features": encoded, "mask": valid}, {"features": projected}),
@@ -406,8 +410,8 @@ def test_int4_export_of_quantized_checkpoint_keeps_int8_towers(tokenizer_dir, tm
     for name, count in expected.items():
         assert towers[f"{name}.tflite"]["max_abs_diff"] <= towers[f"{name}.tflite"]["tolerance"]
         with open(os.path.join(out, f"{name}.tflite"), "rb") as f:
-            model = schema.ModelT.InitFromPackedBuf(f.read(), 0)
-        int8 = [t for t in model.subgraphs[0].tensors if t.type == schema.TensorType.INT8]
+            tflite = schema.ModelT.InitFromPackedBuf(f.read(), 0)
+        int8 = [t for t in tflite.subgraphs[0].tensors if t.type == schema.TensorType.INT8]
         assert len(int8) == count, name
         assert all(len(t.quantization.scale) == t.shape[0] for t in int8)  # per output channel
 
