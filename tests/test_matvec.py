@@ -278,6 +278,12 @@ def _abstract_decode_layout(cfg, tree):
     return tree
 
 
+def _bf16_shapes(cfg, layout: str):
+    """The bf16 parameter tree's shapes in `layout`: "decode" or "checkpoint"."""
+    tree = model.param_shapes(cfg, jnp.bfloat16)
+    return _abstract_decode_layout(cfg, tree) if layout == "decode" else tree
+
+
 def _abstract_quantized(cfg, tree, fmt):
     """`quant.quantize_params(tree, JaxPolicy(fmt))` then `matvec.decode_layout`, on shapes only."""
     from gemma4_jax.quant import JaxPolicy
@@ -432,9 +438,7 @@ def test_moe_decode_step_reads_one_expert_at_a_time():
     cfg = _moe_6_layers()
     temps = {}
     for layout in ("decode", "checkpoint"):
-        tree = model.param_shapes(cfg, jnp.bfloat16)
-        if layout == "decode":
-            tree = _abstract_decode_layout(cfg, tree)
+        tree = _bf16_shapes(cfg, layout)
         weight_bytes = _tree_bytes(tree)
         step = _compiled_step(cfg, tree, 1)
         temps[layout] = step.memory_analysis().temp_size_in_bytes / weight_bytes
@@ -467,9 +471,7 @@ def test_moe_prefill_reads_each_expert_in_its_stored_dtype():
     last = jax.ShapeDtypeStruct((1,), jnp.int32)
     temps = {}
     for layout in ("decode", "checkpoint"):
-        tree = model.param_shapes(cfg, jnp.bfloat16)
-        if layout == "decode":
-            tree = _abstract_decode_layout(cfg, tree)
+        tree = _bf16_shapes(cfg, layout)
         weight_bytes = _tree_bytes(tree)
         args = (cfg, SamplingConfig(), tree, tokens, tokens, cache, last, jax.random.key(0), None, None)
         temps[layout] = _jitted["prefill"].lower(*args).compile().memory_analysis().temp_size_in_bytes / weight_bytes
