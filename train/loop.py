@@ -150,7 +150,7 @@ def make_step(config: Gemma4Config, lora: lora_lib.LoraConfig, tc: TrainConfig) 
         grads, loss, count = grads_fn(adapters, base, batch, step_index)
         updates, opt_state = optimizer.update(grads, opt_state, adapters)
         adapters = optax.apply_updates(adapters, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
         return adapters, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))
