@@ -216,11 +216,14 @@ class SafetensorsDir:
             raise Gemma4Error(f"{path}: no *.safetensors files (expected an HF checkpoint directory)")
         self.path = path
         self._where: dict[str, tuple[str, dict, int]] = {}  # name -> (file, header entry, data start)
+        self.metadata: dict[str, str] = {}  # the files' `__metadata__` string maps, merged in file order
         for file in files:
             header, data_start = self._read_header(file)
             for name, entry in header.items():
                 if name != "__metadata__":
                     self._where[name] = (file, entry, data_start)
+                elif isinstance(entry, dict):
+                    self.metadata.update({k: v for k, v in entry.items() if isinstance(v, str)})
 
     @staticmethod
     def _read_header(file: str) -> tuple[dict, int]:

@@ -193,8 +193,14 @@ def adapter(tmp_path_factory):
     return path
 
 
-def _edited_adapter(adapter, tmp_path, **changes) -> str:
-    dest = copy_ckpt(adapter, tmp_path, "edited-" + "-".join(changes))
+def _edited_adapter(adapter, tmp_path, metadata=None, **changes) -> str:
+    """A copy of `adapter` with keys of its adapter_config.json changed and, given `metadata`, the weights file's
+    metadata replaced by it (without ours, it is an adapter as peft writes one)."""
+    dest = copy_ckpt(adapter, tmp_path, "edited-" + "-".join([*changes, *(metadata or {})]))
+    if metadata is not None:
+        weights = os.path.join(dest, lora.PEFT_WEIGHTS)
+        st = files.SafetensorsDir(weights)
+        files.save_safetensors(weights, {name: st.read(name) for name in st.names()}, metadata)
     path = os.path.join(dest, lora.PEFT_CONFIG)
     with open(path) as f:
         d = json.load(f)
@@ -208,7 +214,11 @@ def test_adapters_that_do_not_fit(ckpt, adapter, tmp_path, capsys):
     out = tmp_path / "merged"
     cases = [
         (_edited_adapter(adapter, tmp_path, r=8), "adapter has shapes"),
-        (_edited_adapter(adapter, tmp_path, gemma4_jax_targets=["c_attn"]), "match no module of"),
+        (_edited_adapter(adapter, tmp_path, {"format": "pt"}, target_modules=["c_attn"]), "match no module of"),
+        (
+            _edited_adapter(adapter, tmp_path, {lora.TARGETS_METADATA: json.dumps("q_proj")}),
+            "is not a list of target names",
+        ),
         (_edited_adapter(adapter, tmp_path, peft_type="IA3"), "is not LORA"),
     ]
     for path, match in cases:

@@ -247,6 +247,42 @@ def test_peft_export_matches_transformers_peft(tmp_path):
     np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-9, rtol=0)
 
 
+def test_adapter_config_is_plain_peft_and_keeps_our_patterns(tmp_path):
+    """adapter_config.json holds only keys peft's LoraConfig has (an unknown one makes peft warn and tell the user to
+    upgrade); our target patterns ride in the weights' metadata and come back as the same LoraConfig, and adapters
+    written before that (the patterns in adapter_config.json) still load the same."""
+    import dataclasses
+
+    import peft
+
+    from gemma4_jax import files
+
+    lora_cfg = lora.LoraConfig(rank=2, alpha=3, targets=("layers.[0-2].self_attn.q_proj", "down_proj"))
+    adapters = _random_adapters(CFG, lora_cfg)
+    directory = tmp_path / "adapter"
+    lora.save_peft(str(directory), CFG, adapters, lora_cfg)
+    written = json.loads((directory / lora.PEFT_CONFIG).read_text())
+    assert set(written) <= {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert isinstance(written["target_modules"], str)  # a regex: the patterns are not in it
+    loaded, loaded_cfg = lora.load_peft(str(directory), CFG)
+    assert loaded_cfg == lora_cfg
+    # as written before 2026-12-05
+    weights = str(directory / lora.PEFT_WEIGHTS)
+    st = files.SafetensorsDir(weights)
+    assert json.loads(st.metadata[lora.TARGETS_METADATA]) == list(lora_cfg.targets)
+    files.save_safetensors(weights, {name: st.read(name) for name in st.names()}, {"format": "pt"})
+    files.write_json(str(directory / lora.PEFT_CONFIG), {**written, lora.TARGETS_METADATA: list(lora_cfg.targets)})
+    older, older_cfg = lora.load_peft(str(directory), CFG)
+    assert older_cfg == lora_cfg
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(older), jax.tree.leaves(loaded), strict=True))
+    # peft's own kind (neither): the modules in the file, by exact name
+    files.write_json(str(directory / lora.PEFT_CONFIG), written)
+    _, peft_cfg = lora.load_peft(str(directory), CFG)
+    assert sorted(peft_cfg.targets) == sorted(
+        [f"layers.{i}.self_attn.q_proj" for i in range(3)] + [f"layers.{i}.mlp.down_proj" for i in range(9)]
+    )
+
+
 # ----- data -----------------------------------------------------------------------------------------------------
 
 
@@ -302,7 +338,8 @@ def test_moe_expert_adapters_match_transformers_peft(tmp_path):
     lora_cfg = lora.LoraConfig(
         rank=3, alpha=6, targets=("q_proj", "experts.down_proj", "layers.1.experts.gate_up_proj")
     )
-    adapters = _random_adapters(cfg, lora_cfg, dtype=jnp.float64)
+    # float32 values, as the PEFT file holds them: both sides compute in float64 from the same numbers
+    adapters = _random_adapters(cfg, lora_cfg)
     lora.save_peft(str(tmp_path / "ours"), cfg, adapters, lora_cfg)
     written = json.loads((tmp_path / "ours" / lora.PEFT_CONFIG).read_text())
     assert written["target_parameters"] == ["layers.0.experts.down_proj", "layers.1.experts.gate_up_proj",
@@ -312,7 +349,8 @@ def test_moe_expert_adapters_match_transformers_peft(tmp_path):
     peft_model = peft.PeftModel.from_pretrained(hf_model(cfg, seed=0), str(tmp_path / "ours"), is_trainable=True)
     result = ours(adapters, lora_cfg)
     agree(result, theirs(peft_model))
-    base, _ = forward(params, tokens, config=cfg)
+    with jax.enable_x64(True):
+        base, _ = forward(params, tokens, config=cfg)
     assert np.max(np.abs(result[0] - np.asarray(base))) > 0.1  # the adapters matter
 
     # peft's own adapter (both stacks everywhere; random B) -> our load_peft

@@ -380,6 +380,7 @@ def summary(config: Gemma4Config, adapters: dict) -> str:
 # ----- Hugging Face PEFT layout --------------------------------------------------------------------------------
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
+TARGETS_METADATA = "gemma4_jax_targets"  # key of PEFT_WEIGHTS' metadata (adapter_config.json's before 2026-12-05)
 PEFT_CONFIG = "adapter_config.json"
 
 
@@ -533,8 +534,6 @@ def peft_config(config: Gemma4Config, adapters: dict, lora: LoraConfig, base_mod
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
-        # ours, ignored by peft: the patterns to rebuild the same LoraConfig
-        "gemma4_jax_targets": list(lora.targets),
     }
 
 
@@ -549,7 +548,10 @@ def save_peft(directory: str, config: Gemma4Config, adapters: dict, lora: LoraCo
     except OSError as e:
         raise files.os_error(directory, e) from None
     tensors = to_peft(config, jax.device_get(adapters), prefix)
-    files.save_safetensors(os.path.join(directory, PEFT_WEIGHTS), tensors, {"format": "pt"})
+    # Our target patterns, to rebuild the same LoraConfig, ride in the weights' metadata: peft warns about (and
+    # tells the user to upgrade over) any key of adapter_config.json it does not know.
+    metadata = {"format": "pt", TARGETS_METADATA: json.dumps(list(lora.targets))}
+    files.save_safetensors(os.path.join(directory, PEFT_WEIGHTS), tensors, metadata)
     files.write_json(os.path.join(directory, PEFT_CONFIG), peft_config(config, adapters, lora, base_model))
 
 
@@ -577,6 +579,13 @@ def load_peft(directory: str, config: Gemma4Config) -> tuple[dict, LoraConfig]:
             f"{directory}: missing {PEFT_WEIGHTS}"
             + (pickled if os.path.exists(os.path.join(directory, "adapter_model.bin")) else "")
         )
+    st = files.SafetensorsDir(weights_path)
+    try:
+        ours = json.loads(st.metadata.get(TARGETS_METADATA, "null"))
+        if ours is not None and not (isinstance(ours, list) and ours and all(isinstance(t, str) for t in ours)):
+            raise ValueError(f"{ours!r} is not a list of target names")
+    except ValueError as e:
+        raise Gemma4Error(f"{weights_path}: metadata {TARGETS_METADATA}: {e}") from None
     try:
         d = json.loads(files.read_text(config_path))
         if not isinstance(d, dict):
@@ -585,19 +594,20 @@ def load_peft(directory: str, config: Gemma4Config) -> tuple[dict, LoraConfig]:
             raise Gemma4Error(f"{config_path}: peft_type {d['peft_type']!r} is not LORA")
         if d.get("use_dora") or d.get("use_rslora") or d.get("bias", "none") != "none":
             raise Gemma4Error(f"{config_path}: DoRA, rsLoRA and LoRA biases are not supported")
-        targets = d.get("gemma4_jax_targets") or d.get("target_modules")
+        ours = ours or d.get(TARGETS_METADATA)  # where adapters written before 2026-12-05 keep them
+        modules = d.get("target_modules")
         parameters = [_strip_model_prefix(p) for p in d.get("target_parameters") or []]
-        if targets is None and not parameters:
+        if not ours and modules is None and not parameters:
             raise KeyError("target_modules")
-        if isinstance(targets, str) or (targets is None and not d.get("gemma4_jax_targets")):
-            # a regex (or expert stacks only): adopt exactly the modules that are in the file
-            targets = None
-        elif not d.get("gemma4_jax_targets"):
-            targets = [*targets, *parameters]
+        if ours:
+            targets = ours
+        elif isinstance(modules, str) or modules is None:
+            targets = None  # a regex (or expert stacks only): adopt exactly the modules that are in the file
+        else:
+            targets = [*modules, *parameters]
         lora_args = dict(rank=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout", 0)))
     except (KeyError, ValueError, TypeError) as e:
         raise Gemma4Error(f"{config_path}: not a LoRA adapter config ({e})") from None
-    st = files.SafetensorsDir(weights_path)
     tensors = {name: st.read(name) for name in st.names()}
     if targets is None:
         # exact module names (dotted names match whole module names), and the expert parameters as listed
