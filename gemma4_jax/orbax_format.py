@@ -6,8 +6,8 @@ Official orbax checkpoints come in three on-disk layouts, all read here as the N
   -> `{'w': ...}`); the dense MLP's `gating_einsum`/`linear` carry an extra `w` there that NESTED does not;
 - STACKED: layers of the same position in the attention pattern stacked on a leading axis
   (`transformer/stacked_layers/attention_type_{j}/...`, layer = slice * pattern_length + j).
-They carry no config: the variant is recognised from the tensor shapes (orbax metadata only, nothing is read),
-`--variant` forces one and `--config` gives an HF-style config.json for other sizes.
+They carry no config: the variant is recognised from the tensor shapes (each tensor's TensorStore metadata; no data
+is read), `--variant` forces one and `--config` gives an HF-style config.json for other sizes.
 
 Each tensor is read on its own with TensorStore straight into a buffer of the requested dtype (the cast happens
 chunk by chunk inside TensorStore), so loading peaks near one copy of the weights in that dtype. The buffers are
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 from collections.abc import Iterator
@@ -119,38 +118,29 @@ class OrbaxSource(WeightSource):
         directory: str | None = None,
         text_only: bool = False,
     ):
-        import orbax.checkpoint as ocp
-
         self.path = os.path.abspath(path)
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        absl_logger.setLevel(logging.ERROR)  # orbax warns before failing; our one-line error says it all
         try:
             with open(os.path.join(self.path, "_METADATA")) as f:
                 info = json.load(f)
-            item = ocp.PyTreeCheckpointer().metadata(self.path).item_metadata
+            names = _tensor_names(info)
         except FileNotFoundError:
             raise Gemma4Error(f"{path}: not a readable orbax checkpoint (no _METADATA file)") from None
-        except Exception as e:  # orbax/tensorstore raise many types for damaged metadata
+        except Exception as e:  # not JSON, or not orbax's tree metadata
             raise Gemma4Error(f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
-        finally:
-            absl_logger.setLevel(level)
-        tree = getattr(item, "tree", None)
-        if not tree:
+        if not names:
             raise Gemma4Error(f"{path}: not a readable orbax checkpoint (its tensor metadata is missing or damaged)")
+        if {p[0] for p in names} == {"collections", "opt_state", "params", "step"}:  # a Kauldron training state
+            names = {p[1:]: name for p, name in names.items() if p[0] == "params"}
         self._use_ocdbt = bool(info.get("use_ocdbt", True))
         self._use_zarr3 = bool(info.get("use_zarr3", False))
-        self._context = None
-        flat = dict(_flatten(tree))
-        if {p[0] for p in flat} == {"collections", "opt_state", "params", "step"}:  # a Kauldron training state
-            flat = {p[1:]: v for p, v in flat.items() if p[0] == "params"}
-        self.layout = _layout({p[0] for p in flat})
-        stacked_positions = [int(m.group(1)) for p in flat if (m := _STACKED.match(p[0]))]
+        self._stores = self._open_all(names.values())
+        self.layout = _layout({p[0] for p in names})
+        stacked_positions = [int(m.group(1)) for p in names if (m := _STACKED.match(p[0]))]
         self._pattern_length = 1 + max(stacked_positions, default=0)
         raw: dict[Path, StoredLeaf] = {}
         other: list[str] = []
-        for stored_path, meta in flat.items():
-            for nested, leaf in self._nested_leaves(stored_path, meta):
+        for stored_path, name in names.items():
+            for nested, leaf in self._nested_leaves(stored_path, name):
                 tower = _tower_of(nested) if nested and self.layout == "nested" else None
                 if nested and (_is_text(nested) or (tower and not text_only)):
                     raw[nested] = leaf
@@ -162,10 +152,8 @@ class OrbaxSource(WeightSource):
         config = self._config(variant, config_file)
         super().__init__(config, f"checkpoint {path}", directory or self.path, sorted(set(other)))
 
-    def _nested_leaves(self, stored_path: Path, meta) -> Iterator[tuple[Path, StoredLeaf]]:
-        shape = tuple(getattr(meta, "shape", None) or ())
-        dtype = np.dtype(getattr(meta, "dtype", None) or np.float32)
-        name = getattr(meta, "name", None) or ".".join(stored_path)
+    def _nested_leaves(self, stored_path: Path, name: str) -> Iterator[tuple[Path, StoredLeaf]]:
+        shape, dtype = tuple(self._stores[name].shape), self._stores[name].dtype.numpy_dtype
         if self.layout == "nested":
             yield stored_path, StoredLeaf(name, shape, dtype)
             return
@@ -211,9 +199,7 @@ class OrbaxSource(WeightSource):
             return out
         path, leaf = leaf.path, self.stored[leaf.path]
         try:
-            store = self._open(leaf.name)
-            if tuple(store.shape[1:] if leaf.index is not None else store.shape) != leaf.shape:
-                raise ValueError(f"stored shape {tuple(store.shape)} differs from its metadata {leaf.shape}")
+            store = self._stores[leaf.name]
             if leaf.index is not None:
                 store = store[leaf.index]
             if index:
@@ -224,27 +210,40 @@ class OrbaxSource(WeightSource):
             ts.array(out).write(store).result()
         except Exception as e:  # tensorstore reports missing/damaged data as ValueError/OSError/...
             raise Gemma4Error(
-                f"{self.path}: cannot read tensor {'/'.join(path)} ({leaf.name}): {type(e).__name__}: {e}"
+                f"{self.path}: cannot read tensor {'/'.join(path)} ({leaf.name}): {_tensorstore_error(e)}"
             ) from None
         return out
 
-    def _open(self, name: str):
+    def _open_all(self, names) -> dict:
+        """name -> opened TensorStore of every tensor, opened concurrently; a tensor that cannot be opened is one
+        error line. Every open is waited for, failed or not (orbax's asyncio metadata reader left opens running
+        after its event loop closed, and their callbacks printed tracebacks after our error line)."""
         import orbax.checkpoint as ocp
         import tensorstore as ts
         from etils import epath
 
-        if self._context is None:
-            # One context for all tensors: OCDBT manifest and B-tree caches are shared between them.
-            self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
-        info = ocp.type_handlers.ParamInfo(
-            name=name,
-            parent_dir=epath.Path(self.path),
-            use_zarr3=self._use_zarr3,
-            is_ocdbt_checkpoint=self._use_ocdbt,
-            ts_context=self._context,
-        )
-        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
-        return ts.open(spec, context=self._context, open=True).result()
+        # One context for all tensors: OCDBT manifest and B-tree caches are shared between them.
+        context = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
+        opening = {}
+        for name in names:
+            info = ocp.type_handlers.ParamInfo(
+                name=name,
+                parent_dir=epath.Path(self.path),
+                use_zarr3=self._use_zarr3,
+                is_ocdbt_checkpoint=self._use_ocdbt,
+                ts_context=context,
+            )
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
+            opening[name] = ts.open(spec, context=context, open=True)
+        stores, failed = {}, None
+        for name, future in opening.items():
+            try:
+                stores[name] = future.result()
+            except Exception as e:  # tensorstore reports missing/damaged data as ValueError/OSError/...
+                failed = failed or f"{self.path}: cannot read tensor {name}: {_tensorstore_error(e)}"
+        if failed:
+            raise Gemma4Error(failed)
+        return stores
 
     def _config(self, variant: str | None, config_file: str | None) -> Gemma4Config:
         """The config that matches the tensors: --config, --variant, our config.json, or recognised from shapes."""
@@ -265,6 +264,26 @@ class OrbaxSource(WeightSource):
         if problem:
             raise Gemma4Error(f"{self.path}: {what} does not match the checkpoint: {problem}")
         return cfg
+
+
+def _tensorstore_error(e: Exception) -> str:
+    """TensorStore's message without the trailer that spells out the whole spec it opened (a screenful of JSON)."""
+    return f"{type(e).__name__}: " + re.sub(r"\s*\[tensorstore_spec=.*$", "", str(e), flags=re.S)
+
+
+_TENSOR_TYPES = ("jax.Array", "np.ndarray", "scalar")  # orbax's value types stored as TensorStore arrays
+
+
+def _tensor_names(info: dict) -> dict[Path, str]:
+    """Tree path -> orbax parameter name (its TensorStore key: the path joined by dots) of every tensor an orbax
+    `_METADATA` lists."""
+    names = {}
+    for entry in info["tree_metadata"].values():
+        value = entry["value_metadata"]
+        if value["value_type"] in _TENSOR_TYPES and not value.get("skip_deserialize"):
+            path = tuple(str(key["key"]) for key in entry["key_metadata"])
+            names[path] = ".".join(path)
+    return names
 
 
 # ----- matching tensors to a config --------------------------------------------------------------------
