@@ -434,7 +434,7 @@ def _read_sharded(source: sources.WeightSource, leaf: param_spec.Leaf, dtype, me
                 value = whole[index]
             if check_finite:
                 check_finite_array(value, leaf.name, source.description, allow_inf=allow_inf)
-            blocks[key] = np.ascontiguousarray(value)
+            blocks[key] = np.asarray(value, order="C")  # (np.ascontiguousarray makes a 0-d leaf 1-d)
         return blocks[key]
 
     return jax.make_array_from_callback(leaf.shape, target, block)

@@ -3,6 +3,7 @@
     python tests/mesh_worker.py reference MODEL DIR       # one device's numbers, once per model
     python tests/mesh_worker.py presets MODEL OUT.json "fsdp;fsdp_tp" DIR  # 8 forced host devices vs DIR's
     python tests/mesh_worker.py restore CKPT OUT.json     # a training checkpoint onto other meshes
+    python tests/mesh_worker.py files DIR OUT.json        # orbax and HF checkpoints loaded onto a mesh
     python tests/mesh_worker.py process DIR               # one of several jax.distributed processes
 
 Each writes numbers (JSON, .npy); the test decides what they must be.
@@ -15,7 +16,7 @@ import os
 import sys
 
 # `reference` too: its one-device programs are compiled in the same setting as the sharded ones they are compared to.
-if __name__ == "__main__" and sys.argv[1] in ("reference", "presets", "restore"):
+if __name__ == "__main__" and sys.argv[1] in ("reference", "presets", "restore", "files"):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax
@@ -272,12 +273,53 @@ def single(directory: str) -> None:
         json.dump({"train_losses": trained.losses}, f)
 
 
+def files(directory: str, out_path: str) -> None:
+    """tiny_mm (decoder and both towers) written as an orbax and an HF checkpoint in `directory`, each loaded onto
+    fsdp=4,tensor=2 and onto one device: per leaf, whether the two are equal bit for bit and the sharded one lies as
+    the rules say; per orbax read, the elements it read, its device's shard's and the whole tensor's."""
+    from gemma4_jax import cli, orbax_format
+    from gemma4_jax.config import get_config
+
+    config = get_config("tiny_mm")
+    tree = api.load(config=config, dtype="float32", progress=False, layout="checkpoint").params
+    orbax_dir, hf_dir = os.path.join(directory, "orbax"), os.path.join(directory, "hf")
+    orbax_format.save_orbax(orbax_dir, sharding.to_host(tree), config=config)
+    assert cli.main(["convert", "--checkpoint", orbax_dir, "--to", "hf", "-o", hf_dir]) == 0
+
+    reads = []  # (leaf, elements read, elements of a shard, elements of the tensor) of every orbax read
+    read_slice = orbax_format.OrbaxSource.read_slice
+
+    def recorded(self, leaf, dtype, index):
+        value = read_slice(self, leaf, dtype, index)
+        shard = jax.sharding.NamedSharding(mesh, sharding.leaf_spec(leaf, mesh)).shard_shape(leaf.shape)
+        reads.append(("/".join(leaf.path), value.size, int(np.prod(shard)), int(np.prod(leaf.shape))))
+        return value
+
+    orbax_format.OrbaxSource.read_slice = recorded
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    out = {}
+    for name, path in (("orbax", orbax_dir), ("hf", hf_dir)):
+        one = api.load(path, dtype="float32", progress=False, layout="checkpoint").params
+        reads.clear()
+        sharded = api.load(path, dtype="float32", progress=False, mesh=mesh).params
+        leaves = {}
+        for leaf in param_spec.param_spec(config):
+            x, spec = tree_get(sharded, leaf.path), sharding.leaf_spec(leaf, mesh)
+            leaves["/".join(leaf.path)] = {
+                "equal": bool(np.array_equal(np.asarray(x), np.asarray(tree_get(one, leaf.path)))),
+                "as_ruled": x.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), len(leaf.shape)),
+                "split": any(axis is not None for axis in spec),
+            }
+        out[name] = {"leaves": leaves, "reads": list(reads)}
+    with open(out_path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
 def _flat(tree) -> dict:
     return {"/".join(str(k.key) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    {"reference": reference, "presets": presets, "restore": restore, "process": process, "single": single}[command](
-        *args
-    )
+    commands = {"reference": reference, "presets": presets, "restore": restore, "process": process, "single": single}
+    {**commands, "files": files}[command](*args)

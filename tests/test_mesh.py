@@ -153,6 +153,24 @@ def test_two_processes_and_restore_on_other_meshes(tmp_path, reference):
         assert np.abs(np.load(tmp_path / f"logits {name}.npy") - one).max() <= 1e-5 * np.abs(one).max(), name
 
 
+def test_checkpoints_load_straight_onto_their_shards(tmp_path):
+    """orbax and HF checkpoints of tiny_mm loaded onto fsdp=4,tensor=2 equal one device's load bit for bit, each leaf
+    split as the rules say (the towers, 0-d clip bounds included, replicated); from orbax each read is one device's
+    shard, so a split tensor is never read whole (TensorStore reads the slice)."""
+    _run("files", str(tmp_path), str(tmp_path / "files.json"), timeout=600)
+    out = json.loads((tmp_path / "files.json").read_text())
+    for name in ("orbax", "hf"):
+        leaves = out[name]["leaves"]
+        assert all(v["equal"] for v in leaves.values()), [k for k, v in leaves.items() if not v["equal"]]
+        assert all(v["as_ruled"] for v in leaves.values()), [k for k, v in leaves.items() if not v["as_ruled"]]
+    leaves, reads = out["orbax"]["leaves"], out["orbax"]["reads"]
+    split = {k for k, v in leaves.items() if v["split"]}
+    assert len(split) > 100 and any(k.startswith("audio_encoder") for k in leaves)
+    assert {leaf for leaf, *_ in reads} == set(leaves)  # every leaf read through its slices
+    assert all(got == shard for _, got, shard, _ in reads), [r for r in reads if r[1] != r[2]]
+    assert all(got < whole for leaf, got, _, whole in reads if leaf in split)
+
+
 # ----- the rules, without devices ------------------------------------------------------------------------------
 
 
