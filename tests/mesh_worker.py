@@ -3,7 +3,7 @@
     python tests/mesh_worker.py reference MODEL DIR       # one device's numbers, once per model
     python tests/mesh_worker.py presets MODEL OUT.json "fsdp;fsdp_tp" DIR  # 8 forced host devices vs DIR's
     python tests/mesh_worker.py restore CKPT OUT.json     # a training checkpoint onto other meshes
-    python tests/mesh_worker.py files DIR OUT.json        # orbax and HF checkpoints loaded onto a mesh
+    python tests/mesh_worker.py files DIR OUT.json        # orbax and HF checkpoints onto a mesh; image + speech
     python tests/mesh_worker.py process DIR               # one of several jax.distributed processes
 
 Each writes numbers (JSON, .npy); the test decides what they must be.
@@ -276,7 +276,11 @@ def single(directory: str) -> None:
 def files(directory: str, out_path: str) -> None:
     """tiny_mm (decoder and both towers) written as an orbax and an HF checkpoint in `directory`, each loaded onto
     fsdp=4,tensor=2 and onto one device: per leaf, whether the two are equal bit for bit and the sharded one lies as
-    the rules say; per orbax read, the elements it read, its device's shard's and the whole tensor's."""
+    the rules say; per orbax read, the elements it read, its device's shard's and the whole tensor's. Then a prompt
+    with a photograph and speech (tests/real_media.py) through both orbax loads: logits and greedy tokens."""
+    from real_media import speak
+    from skimage import data
+
     from gemma4_jax import cli, orbax_format
     from gemma4_jax.config import get_config
 
@@ -311,6 +315,19 @@ def files(directory: str, out_path: str) -> None:
                 "split": any(axis is not None for axis in spec),
             }
         out[name] = {"leaves": leaves, "reads": list(reads)}
+        if name == "orbax":
+            models = [api.Model(config, params, mesh=m) for params, m in ((one, None), (sharded, mesh))]
+            ids = [2, 5, config.image_token_id, 6, config.audio_token_id, 7]
+            media = {"images": [data.astronaut()], "audio": speak(directory, ["the image shows a person"])}
+            expanded, soft = models[0].prepare(ids, **media, image_tokens=70)
+            logits = [m.logits(expanded, soft) for m in models]
+            greedy = [m.generate(ids, **media, image_tokens=70, max_new_tokens=8).tokens for m in models]
+            out["multimodal"] = {
+                "logits": float(np.abs(logits[1] - logits[0]).max()),
+                "logits_scale": float(np.abs(logits[0]).max()),
+                "greedy": greedy,
+                "soft_tokens": int(np.sum(np.asarray(expanded) == config.image_token_id)),
+            }
     with open(out_path, "w") as f:
         json.dump(out, f, indent=1)
 

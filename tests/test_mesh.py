@@ -153,10 +153,11 @@ def test_two_processes_and_restore_on_other_meshes(tmp_path, reference):
         assert np.abs(np.load(tmp_path / f"logits {name}.npy") - one).max() <= 1e-5 * np.abs(one).max(), name
 
 
-def test_checkpoints_load_straight_onto_their_shards(tmp_path):
+def test_checkpoints_load_straight_onto_their_shards_and_see_and_hear(tmp_path):
     """orbax and HF checkpoints of tiny_mm loaded onto fsdp=4,tensor=2 equal one device's load bit for bit, each leaf
     split as the rules say (the towers, 0-d clip bounds included, replicated); from orbax each read is one device's
-    shard, so a split tensor is never read whole (TensorStore reads the slice)."""
+    shard, so a split tensor is never read whole (TensorStore reads the slice). A photograph and espeak-ng speech in
+    one prompt give one device's greedy tokens and logits to float32 summation order (module docstring)."""
     _run("files", str(tmp_path), str(tmp_path / "files.json"), timeout=600)
     out = json.loads((tmp_path / "files.json").read_text())
     for name in ("orbax", "hf"):
@@ -169,6 +170,9 @@ def test_checkpoints_load_straight_onto_their_shards(tmp_path):
     assert {leaf for leaf, *_ in reads} == set(leaves)  # every leaf read through its slices
     assert all(got == shard for _, got, shard, _ in reads), [r for r in reads if r[1] != r[2]]
     assert all(got < whole for leaf, got, _, whole in reads if leaf in split)
+    mm = out["multimodal"]
+    assert mm["soft_tokens"] > 0 and mm["logits"] <= 1e-5 * mm["logits_scale"], mm
+    assert mm["greedy"][0] == mm["greedy"][1] and len(mm["greedy"][0]) == 8, mm["greedy"]
 
 
 # ----- the rules, without devices ------------------------------------------------------------------------------
