@@ -290,6 +290,7 @@ def files(directory: str, out_path: str) -> None:
     orbax_format.save_orbax(orbax_dir, sharding.to_host(tree), config=config)
     assert cli.main(["convert", "--checkpoint", orbax_dir, "--to", "hf", "-o", hf_dir]) == 0
 
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     reads = []  # (leaf, elements read, elements of a shard, elements of the tensor) of every orbax read
     read_slice = orbax_format.OrbaxSource.read_slice
 
@@ -300,7 +301,6 @@ def files(directory: str, out_path: str) -> None:
         return value
 
     orbax_format.OrbaxSource.read_slice = recorded
-    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     out = {}
     for name, path in (("orbax", orbax_dir), ("hf", hf_dir)):
         one = api.load(path, dtype="float32", progress=False, layout="checkpoint").params
@@ -338,5 +338,8 @@ def _flat(tree) -> dict:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    commands = {"reference": reference, "presets": presets, "restore": restore, "process": process, "single": single}
-    {**commands, "files": files}[command](*args)
+    commands = {
+        "reference": reference, "presets": presets, "restore": restore, "files": files, "process": process,
+        "single": single,
+    }  # fmt: skip
+    commands[command](*args)
